@@ -290,8 +290,10 @@ class MFABA:
             xt = x_next
         path = None
         if return_path:
-            path = MFABAPath(torch.stack(points), torch.stack(grads) if grads else x.new_zeros((0,) + x.shape),
-                             lengths)
+            # on CUDA the loop can end up to two steps after every sample stopped; those rows add nothing
+            last = int(lengths.max())
+            path = MFABAPath(torch.stack(points[:last + 1]), torch.stack(grads[:last]) if last
+                             else x.new_zeros((0,) + x.shape), lengths)
         return total, path
 
 
