@@ -1,0 +1,227 @@
+"""The rules of :mod:`deepshap_opt.rules.spec` as ``torch.autograd.Function``s.
+
+Each Function's forward is the op's ordinary forward on the explicands, shape (n, ...). Its backward
+runs inside ``torch.func.vmap`` over the references: ``site.refs()`` returns that site's cached
+reference tensors, each a batch-1 activation (1, ...) per reference, so the multiplier is formed by
+broadcasting the explicand's activation (n, ...) against the reference's — the (N,1,...) × (1,M,...)
+pairing of the cached-reference algorithm — and linear ops between sites keep their ordinary VJP.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..rules.spec import MAXPOOL_EPS, PAIR_EPS, RESCALE_EPS
+
+
+class Site:
+    """One rule site of the explicand pass: its index into the reference cache and the shared state."""
+
+    __slots__ = ("index", "state")
+
+    def __init__(self, index: int, state):
+        self.index, self.state = index, state
+
+    def refs(self) -> tuple[torch.Tensor, ...]:
+        return self.state.refs[self.index]
+
+
+def _safe_div(num: torch.Tensor, den: torch.Tensor, eps: float, fallback) -> torch.Tensor:
+    """num / den, with ``fallback`` (a tensor or a number) where |den| < eps."""
+    small = den.abs() < eps
+    return torch.where(small, fallback, num / torch.where(small, torch.ones_like(den), den))
+
+
+def sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum ``t`` over the axes along which ``shape`` was broadcast to t's shape."""
+    if t.shape == shape:
+        return t
+    lead = t.dim() - len(shape)
+    if lead:
+        t = t.sum(dim=tuple(range(lead)))
+    dims = tuple(i for i, s in enumerate(shape) if s == 1 and t.shape[i] != 1)
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def derivative(fn, x: torch.Tensor) -> torch.Tensor:
+    """f'(x) of an element-wise ``fn`` at the explicand (a VJP with ones over n rows: cheap)."""
+    y, vjp = torch.func.vjp(fn, x.detach())
+    (d,) = vjp(torch.ones_like(y))
+    return d
+
+
+class Rescale(torch.autograd.Function):
+    """Rescale rule: m = (f(x) − f(r)) / (x − r); f'(x) where |x − r| < RESCALE_EPS."""
+
+    @staticmethod
+    def forward(x, fn, site):
+        return fn(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, fn, site = inputs
+        # clones: the model may modify x or y in place after this op (ReLU(inplace=True), ``out += ...``)
+        ctx.x, ctx.y, ctx.site = x.detach().clone(), output.detach().clone(), site
+        ctx.dfx = derivative(fn, x)
+
+    @staticmethod
+    def backward(ctx, g):
+        r_in, r_out = ctx.site.refs()
+        m = _safe_div(ctx.y - r_out, ctx.x - r_in, RESCALE_EPS, ctx.dfx)
+        return g * m, None, None
+
+
+class MaxPool(torch.autograd.Function):
+    """Max-pool rule (shap's cross-max split, summed through the ordinary max-pool backward).
+
+    ``pool(x) -> (y, indices)`` with flat indices over the last ``spatial`` dims (torch's convention).
+    """
+
+    @staticmethod
+    def forward(x, pool, spatial, site):
+        y, _ = pool(x)
+        return y
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, pool, spatial, site = inputs
+        with torch.no_grad():
+            _, idx = pool(x.detach())
+        ctx.x, ctx.y, ctx.idx, ctx.spatial, ctx.site = x.detach().clone(), output.detach().clone(), idx, spatial, site
+
+    @staticmethod
+    def backward(ctx, g):
+        r_in, r_out, r_idx = ctx.site.refs()
+        c = torch.maximum(ctx.y, r_out)
+        start = ctx.x.dim() - ctx.spatial
+        d = ctx.x - r_in                                   # (n, C, *in_spatial) per reference
+        routed = torch.zeros_like(d).flatten(start)
+        gx, gr = (g * (c - r_out)).flatten(start), (g * (ctx.y - c)).flatten(start)
+        routed = routed.scatter_add(start, ctx.idx.flatten(start).expand_as(gx), gx)
+        routed = routed.scatter_add(start, r_idx.flatten(start).expand_as(gr), gr)
+        return _safe_div(routed.view_as(d), d, MAXPOOL_EPS, 0.0), None, None, None
+
+
+class ReduceMax(torch.autograd.Function):
+    """Max over one axis (``torch.max(x, dim)``, ``amax``): the max-pool rule with one window per row."""
+
+    @staticmethod
+    def forward(x, dim, site):
+        return x.amax(dim=dim, keepdim=True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, dim, site = inputs
+        ctx.x, ctx.y, ctx.dim, ctx.site = x.detach().clone(), output.detach().clone(), dim, site
+        ctx.idx = x.detach().argmax(dim=dim, keepdim=True)
+
+    @staticmethod
+    def backward(ctx, g):
+        r_in, r_out, r_idx = ctx.site.refs()
+        c = torch.maximum(ctx.y, r_out)
+        d = ctx.x - r_in
+        gx, gr = g * (c - r_out), g * (ctx.y - c)
+        routed = torch.zeros_like(d).scatter_add(ctx.dim, ctx.idx.expand_as(gx), gx)
+        routed = routed.scatter_add(ctx.dim, r_idx.expand_as(gr), gr)
+        return _safe_div(routed, d, MAXPOOL_EPS, 0.0), None, None
+
+
+class Bilinear(torch.autograd.Function):
+    """Two varying operands of a bilinear ``fn`` (mul, matmul, bmm, einsum): the VJP at the operand means.
+
+    grad_a = VJP_a(fn)(ā, b̄)·g with b̄ = ½(b_x + b_r) — the exact Shapley split, no division.
+    """
+
+    @staticmethod
+    def forward(a, b, fn, site):
+        return fn(a, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, b, fn, site = inputs
+        ctx.a, ctx.b, ctx.fn, ctx.site = a.detach().clone(), b.detach().clone(), fn, site
+
+    @staticmethod
+    def backward(ctx, g):
+        a_r, b_r = ctx.site.refs()
+        a_bar, b_bar = 0.5 * (ctx.a + a_r), 0.5 * (ctx.b + b_r)
+        _, vjp = torch.func.vjp(ctx.fn, a_bar, b_bar)
+        ga, gb = vjp(g)
+        return sum_to(ga, ctx.a.shape), sum_to(gb, ctx.b.shape), None, None
+
+
+class ShapleyPair(torch.autograd.Function):
+    """Two varying operands of a general element-wise ``fn`` (div, maximum, minimum, pow):
+
+    m_a = ½[(f(a_x,b_x) − f(a_r,b_x)) + (f(a_x,b_r) − f(a_r,b_r))] / Δa, symmetric for b; 0 where |Δ| < eps.
+    """
+
+    @staticmethod
+    def forward(a, b, fn, site):
+        return fn(a, b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        a, b, fn, site = inputs
+        ctx.a, ctx.b, ctx.fn, ctx.site = a.detach().clone(), b.detach().clone(), fn, site
+
+    @staticmethod
+    def backward(ctx, g):
+        a_r, b_r = ctx.site.refs()
+        a, b, fn = ctx.a, ctx.b, ctx.fn
+        fxx, frr, frx, fxr = fn(a, b), fn(a_r, b_r), fn(a_r, b), fn(a, b_r)
+        ma = _safe_div(0.5 * ((fxx - frx) + (fxr - frr)), a - a_r, PAIR_EPS, 0.0)
+        mb = _safe_div(0.5 * ((fxx - fxr) + (frx - frr)), b - b_r, PAIR_EPS, 0.0)
+        return sum_to(g * ma, a.shape), sum_to(g * mb, b.shape), None, None
+
+
+def _softmax_parts(z, z_r, dim):
+    """u = m_exp/s_x and v = m_exp/s_r of the softmax decomposition, computed through logsumexp."""
+    lx, lr = torch.logsumexp(z, dim, keepdim=True), torch.logsumexp(z_r, dim, keepdim=True)
+    d = z - z_r
+    u = _safe_div(torch.exp(z - lx) - torch.exp(z_r - lx), d, RESCALE_EPS, torch.exp(z - lx))
+    v = _safe_div(torch.exp(z - lr) - torch.exp(z_r - lr), d, RESCALE_EPS, torch.exp(z - lr))
+    return u, v, lx, lr
+
+
+class Softmax(torch.autograd.Function):
+    """Softmax decomposed exactly (exp → Σ → e/s), see :class:`deepshap_opt.rules.spec.Softmax`."""
+
+    @staticmethod
+    def forward(z, dim, site):
+        return torch.softmax(z, dim)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        z, dim, site = inputs
+        ctx.z, ctx.p, ctx.dim, ctx.site = z.detach().clone(), output.detach().clone(), dim, site
+
+    @staticmethod
+    def backward(ctx, g):
+        (z_r,) = ctx.site.refs()
+        u, v, _, _ = _softmax_parts(ctx.z, z_r, ctx.dim)
+        p_r = torch.softmax(z_r, ctx.dim)
+        px, pr = (g * ctx.p).sum(ctx.dim, keepdim=True), (g * p_r).sum(ctx.dim, keepdim=True)
+        return 0.5 * g * (u + v) - 0.5 * (v * px + u * pr), None, None
+
+
+class LogSoftmax(torch.autograd.Function):
+    """Log-softmax decomposed exactly (z − log Σ exp z), see :class:`deepshap_opt.rules.spec.LogSoftmax`."""
+
+    @staticmethod
+    def forward(z, dim, site):
+        return torch.log_softmax(z, dim)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        z, dim, site = inputs
+        ctx.z, ctx.dim, ctx.site = z.detach().clone(), dim, site
+
+    @staticmethod
+    def backward(ctx, g):
+        (z_r,) = ctx.site.refs()
+        u, _, lx, lr = _softmax_parts(ctx.z, z_r, ctx.dim)
+        dl = lx - lr
+        w = torch.where(dl.abs() < RESCALE_EPS, u, u * dl / torch.where(dl.abs() < RESCALE_EPS,
+                                                                        torch.ones_like(dl), -torch.expm1(-dl)))
+        return g - g.sum(ctx.dim, keepdim=True) * w, None, None

@@ -1,0 +1,338 @@
+"""``DeepExplainer`` for PyTorch: op-level DeepSHAP with cached references, a drop-in for
+``shap.DeepExplainer`` (shap 0.51).
+
+The algorithm (ONNXExplainer, arXiv 2309.16916, in PyTorch):
+1. At construction the M references run forward once (one row at a time, so that every cached
+   activation has the batch-1 shape of one sample wherever its batch axis sits) under :class:`RuleMode`,
+   which records at every rule site what the rule needs: :class:`ReferenceCache`.
+2. Per call, the N explicands run forward once under ``torch.func.vjp`` (this is also the prediction);
+   each nonlinear op is an ``autograd.Function`` bound to its cached site.
+3. The backward is ``torch.func.vmap``-ed over the references and over the requested outputs: linear ops
+   keep their ordinary VJP, applied to (k·M·n)-row cotangents, and each rule broadcasts the explicand's
+   activation (n, ...) against the reference's (1, ...).
+4. φ = mean over references of multiplier × (x − r).
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._explainer import ExplainerBase
+from ..errors import UnsupportedOperatorError
+from ._tracer import ControlFlowError, FoldedBatchError, RuleMode
+
+#: transient memory the backward may use when batch_size is not given (bytes)
+DEFAULT_MEMORY_BUDGET = 4 * 2**30
+
+
+@dataclass
+class ReferenceCache:
+    """What the rules need of the M references, computed once.
+
+    sites: per rule site, (kind, op, tensors) with each tensor (M, *batch-1 shape of the activation).
+    roots: per explained input, the references' values (M, 1, *in).
+    outputs: the model's outputs on the references, (M, K).
+    """
+
+    sites: list = field(default_factory=list)
+    roots: list = field(default_factory=list)
+    outputs: torch.Tensor | None = None
+    fingerprint: tuple = ()
+
+    @property
+    def expected(self):
+        return [(kind, op, [t.shape[1:] for t in ts]) for kind, op, ts in self.sites]
+
+    def nbytes_per_reference(self) -> int:
+        return sum(t[0].numel() * t.element_size() for _, _, ts in self.sites for t in ts)
+
+
+class _BackwardState:
+    """Read by the rule Functions' backward: ``refs[k]`` are site k's reference tensors (vmapped)."""
+
+    refs: list = []
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    """Identity and version of every parameter and buffer: any in-place update (optimizer step,
+    load_state_dict) or reassignment changes it, so the cache is rebuilt instead of going stale."""
+    return tuple((id(t), t._version, t.data_ptr()) for t in (*model.parameters(), *model.buffers()))
+
+
+def _as_tensor(x, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
+    if hasattr(x, "values") and hasattr(x, "columns"):       # pandas DataFrame
+        x = x.values
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x))
+        if like is not None and x.is_floating_point():
+            x = x.to(like.dtype)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+    return x
+
+
+class DeepExplainer(ExplainerBase):
+    """DeepSHAP for a ``torch.nn.Module`` with op-level rules and cached references.
+
+    Args:
+        model: an ``nn.Module`` taking the input(s) to explain and returning (N, K) or (N,), or
+            ``(model, layer)`` to explain the input of ``layer`` (of an ``nn.Embedding``: its output).
+        data: the background (references), a tensor (M, *in) or a list of tensors for multi-input models;
+            numpy arrays and DataFrames are converted.
+        batch_size: most (explicand, reference, output) rows per backward pass; None picks it from a
+            memory budget of ``memory_budget`` bytes.
+    """
+
+    _wrap_indexes = staticmethod(torch.as_tensor)
+
+    def __init__(self, model, data, batch_size: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET):
+        self.layer = None
+        if isinstance(model, tuple):
+            if len(model) != 2:
+                raise TypeError("model must be an nn.Module or a (model, layer) pair")
+            model, self.layer = model
+            if not isinstance(self.layer, nn.Module):
+                raise TypeError(f"layer must be an nn.Module, got {type(self.layer).__name__}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if self.layer is not None and not any(m is self.layer for m in model.modules()):
+            raise ValueError("layer is not a submodule of model")
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.model, self.batch_size, self.memory_budget = model, batch_size, memory_budget
+        self.multi_input = isinstance(data, (list, tuple))
+        params = next(iter(model.parameters()), None)
+        self.data = [self._check_input(d, "data", params) for d in (data if self.multi_input else [data])]
+        if self.data[0].shape[0] < 1:
+            raise ValueError("the background (data) is empty: pass at least one reference row")
+        if any(d.shape[0] != self.data[0].shape[0] for d in self.data):
+            raise ValueError("every background tensor must have the same number of rows")
+        self._single_rows = False
+        self._names = {id(m): n or type(m).__name__ for n, m in model.named_modules()}
+        self._cache = ReferenceCache()
+        self._build_cache()
+
+    # ---- validation --------------------------------------------------------------------------------
+    def _check_input(self, x, name, like=None) -> torch.Tensor:
+        x = _as_tensor(x, name, like)
+        if x.dim() < 1:
+            raise ValueError(f"{name} must have a batch axis, got a scalar")
+        if like is not None and x.device != like.device:
+            raise ValueError(f"{name} is on {x.device} but the model's parameters are on {like.device}")
+        if self.layer is None and not x.is_floating_point():
+            raise TypeError(f"{name} has dtype {x.dtype}: only floating-point inputs can be attributed "
+                            "(for token ids, explain the embedding's output: DeepExplainer((model, embedding), data))")
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or Inf")
+        return x.detach()
+
+    def _check_X(self, X) -> list[torch.Tensor]:
+        if self.multi_input != isinstance(X, (list, tuple)):
+            raise TypeError("expected a list of inputs (the background was a list)" if self.multi_input
+                            else "expected a single input, not a list (the background was a single tensor)")
+        xs = [self._check_input(x, "X", d) for x, d in zip(X if self.multi_input else [X], self.data)]
+        if len(xs) != len(self.data):
+            raise ValueError(f"expected {len(self.data)} inputs, got {len(xs)}")
+        for x, d in zip(xs, self.data):
+            if x.shape[1:] != d.shape[1:]:
+                raise ValueError(f"X has per-sample shape {tuple(x.shape[1:])} but the background has "
+                                 f"{tuple(d.shape[1:])}")
+            if x.dtype != d.dtype:
+                raise TypeError(f"X has dtype {x.dtype} but the background has {d.dtype}")
+        if any(x.shape[0] != xs[0].shape[0] for x in xs):
+            raise ValueError("every input must have the same number of rows")
+        return xs
+
+    # ---- one forward pass under the rule mode -------------------------------------------------------
+    @contextmanager
+    def _session(self):
+        """Eval semantics, module-path tracking; the model's modes are restored and no hook is left."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        if self.model.training:
+            warnings.warn("the model is in training mode: explaining it in eval mode (restored afterwards)",
+                          stacklevel=4)
+        self.model.eval()
+        stack: list[str] = []
+
+        def pre(module, args):
+            name = self._names.get(id(module))
+            if name is not None:
+                stack.append(f"{name} ({type(module).__name__})")
+
+        def post(module, args, out):
+            if id(module) in self._names and stack:
+                stack.pop()
+
+        hooks = [nn.modules.module.register_module_forward_pre_hook(pre),
+                 nn.modules.module.register_module_forward_hook(post)]
+        try:
+            yield lambda: stack[-1] if stack else "the model's forward"
+        finally:
+            for h in hooks:
+                h.remove()
+            for m, t in modes:
+                m.training = t
+
+    def _run(self, mode: RuleMode, xs, roots=None):
+        """Forward of ``xs`` under ``mode``; the explained roots are the inputs or the layer's input(s).
+
+        With ``roots`` given they replace the explained tensors (for torch.func.vjp); returns
+        (output, roots used).
+        """
+        used: list = []
+
+        def substitute(values):
+            new = [r.clone() for r in (roots if roots is not None else values)]
+            mode.mark(new)
+            used.extend(new)
+            return new
+
+        if self.layer is None:
+            with mode:
+                out = self.model(*substitute(xs))
+            return out, used
+        embedding = isinstance(self.layer, nn.Embedding)
+        calls = []
+
+        def pre(module, args):
+            calls.append(1)
+            if len(calls) > 1:
+                raise ValueError("the explained layer is called more than once in the forward pass")
+            return tuple(substitute(list(args)))
+
+        def post(module, args, out):
+            calls.append(1)
+            return substitute([out])[0]
+
+        handle = self.layer.register_forward_hook(post) if embedding else self.layer.register_forward_pre_hook(pre)
+        try:
+            with mode:
+                out = self.model(*xs)
+        finally:
+            handle.remove()
+        return out, used
+
+    def _check_output(self, out) -> torch.Tensor:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"the model returned a {type(out).__name__}; DeepExplainer needs a single tensor "
+                            "(N, K) or (N,): wrap the model to select the output to explain")
+        if out.dim() not in (1, 2):
+            raise ValueError(f"the model's output has shape {tuple(out.shape)}; expected (N, K) or (N,)")
+        return out
+
+    # ---- the reference cache ------------------------------------------------------------------------
+    def _build_cache(self):
+        per_ref, outs, roots = [], [], []
+        with self._session() as where, torch.no_grad():
+            for j in range(self.data[0].shape[0]):
+                mode = RuleMode("reference", where=where)
+                out, used = self._run(mode, [d[j:j + 1] for d in self.data])
+                outs.append(self._check_output(out).reshape(1, -1))
+                per_ref.append(mode.sites)
+                roots.append([u.detach() for u in used])
+        first = per_ref[0]
+        for recs in per_ref[1:]:
+            if [(k, [t.shape for t in ts]) for k, _, ts in recs] != [(k, [t.shape for t in ts]) for k, _, ts in first]:
+                raise ControlFlowError("the references take different paths through the model (data-dependent "
+                                       "control flow); DeepSHAP with cached references needs one path")
+        self._cache = ReferenceCache(
+            sites=[(kind, op, tuple(torch.stack([recs[i][2][t] for recs in per_ref]) for t in range(len(ts))))
+                   for i, (kind, op, ts) in enumerate(first)],
+            roots=[torch.stack([r[i] for r in roots]) for i in range(len(roots[0]))],
+            outputs=torch.cat(outs), fingerprint=_fingerprint(self.model))
+        self.num_outputs = self._cache.outputs.shape[1]
+        self._output_1d = outs[0].shape != out.shape
+        self.expected_value = self._cache.outputs.mean(0).cpu().numpy()
+
+    def _current_cache(self) -> ReferenceCache:
+        if self._cache.fingerprint != _fingerprint(self.model):
+            self._build_cache()   # weights changed since construction: never return a stale explanation
+        return self._cache
+
+    # ---- explanation ----------------------------------------------------------------------------------
+    def _chunks(self, n: int, k: int, M: int) -> tuple[int, int]:
+        """(explicands per chunk, references per chunk) so that n·k·M rows fit batch_size."""
+        rows = self.batch_size
+        if rows is None:
+            per_row = max(self._cache.nbytes_per_reference() // max(len(self._cache.sites), 1) * 6, 1)
+            rows = max(1, self.memory_budget // per_row)
+        if self._single_rows:
+            return 1, max(1, min(M, rows // k))
+        if rows >= k * M:
+            return max(1, min(n, rows // (k * M))), M
+        return 1, max(1, rows // k)
+
+    def _explain(self, X, select: Callable[[np.ndarray], np.ndarray]):
+        xs = self._check_X(X)
+        cache = self._current_cache()
+        N, M = xs[0].shape[0], cache.roots[0].shape[0]
+        if N == 0:
+            raise ValueError("X has no rows")
+        k = select(np.zeros((1, self.num_outputs))).shape[1]
+        while True:
+            try:
+                n_chunk, m_chunk = self._chunks(N, k, M)
+                parts = [self._explain_chunk([x[i:i + n_chunk] for x in xs], select, cache, m_chunk)
+                         for i in range(0, N, n_chunk)]
+                break
+            except FoldedBatchError:
+                if self._single_rows:
+                    raise
+                self._single_rows = True   # the batch axis is folded somewhere: one explicand at a time
+        phis = [np.concatenate([p[0][i] for p in parts]) for i in range(len(parts[0][0]))]
+        outputs = np.concatenate([p[1] for p in parts])
+        indexes = np.concatenate([p[2] for p in parts])
+        return phis, outputs, indexes, outputs.dtype
+
+    def _explain_chunk(self, xs, select, cache: ReferenceCache, m_chunk: int):
+        state = _BackwardState()
+        expected = cache.expected
+        with self._session() as where, torch.no_grad():
+            if self.layer is None:
+                roots_x = xs
+            else:   # the layer's input(s) for these explicands
+                _, roots_x = self._run(RuleMode("reference", where=where), xs)
+                roots_x = [r.detach() for r in roots_x]
+
+            def forward(*roots):
+                mode = RuleMode("explain", state=state, expected=expected, where=where)
+                out, _ = self._run(mode, xs, roots=roots)
+                if mode.count != len(expected):
+                    raise ControlFlowError("the model took a different path for the explicands than for the "
+                                           "references (data-dependent control flow)")
+                return self._check_output(out)
+
+            out, vjp_fn = torch.func.vjp(forward, *roots_x)
+            outputs = out.detach().reshape(out.shape[0], -1)
+            idx = select(outputs.cpu().numpy())                       # (n, k)
+            n, k = idx.shape
+            seeds = torch.zeros(k, n, outputs.shape[1], dtype=out.dtype, device=out.device)
+            seeds[torch.arange(k)[:, None], torch.arange(n)[None, :], torch.as_tensor(idx.T)] = 1
+            seeds = seeds.reshape(k, *out.shape)
+
+            def per_reference(site_refs, root_refs):
+                state.refs = site_refs
+                grads = torch.func.vmap(vjp_fn)(seeds)                 # per root (k, n, *in)
+                return tuple(g * (x - r) for g, x, r in zip(grads, roots_x, root_refs))
+
+            totals = [torch.zeros(k, *r.shape, dtype=r.dtype, device=r.device) for r in roots_x]
+            for m0 in range(0, cache.roots[0].shape[0], m_chunk):
+                sl = slice(m0, m0 + m_chunk)
+                site_refs = [tuple(t[sl] for t in ts) for _, _, ts in cache.sites]
+                contrib = torch.func.vmap(per_reference)(site_refs, [r[sl] for r in cache.roots])
+                for tot, c in zip(totals, contrib):
+                    tot += c.sum(0)
+            state.refs = []
+        M = cache.roots[0].shape[0]
+        phis = [np.moveaxis((t / M).cpu().double().numpy(), 0, -1) for t in totals]
+        return phis, outputs.cpu().numpy(), idx
+
+
+__all__ = ["DeepExplainer", "ReferenceCache", "UnsupportedOperatorError"]
