@@ -11,7 +11,7 @@ RESCALE = {
     "relu": "relu", "relu6": "relu6", "leaky_relu": "leaky_relu", "prelu": "prelu", "rrelu": "leaky_relu",
     "elu": "elu", "selu": "selu", "celu": "celu", "gelu": "gelu", "silu": "silu", "mish": "mish",
     "hardswish": "hardswish", "hardsigmoid": "hardsigmoid", "hardtanh": "hardtanh", "sigmoid": "sigmoid",
-    "tanh": "tanh", "softplus": "softplus", "softsign": "softsign", "logsigmoid": "logsigmoid",
+    "tanh": "tanh", "softplus": "softplus", "softsign": "softsign", "logsigmoid": "logsigmoid", "log_sigmoid": "logsigmoid",
     "tanhshrink": "tanh", "softshrink": "clip", "hardshrink": "clip", "threshold": "thresholded_relu",
     "exp": "exp", "exp2": "exp", "log": "log", "log2": "log", "log10": "log", "log1p": "log1p", "expm1": "expm1",
     "sqrt": "sqrt", "rsqrt": "rsqrt", "reciprocal": "reciprocal", "square": "square", "abs": "abs",
@@ -71,5 +71,6 @@ __contains__ item tolist numpy data_ptr storage_offset untyped_storage get_devic
 new_ones new_empty new_full new_tensor zeros_like ones_like empty_like full_like rand_like randn_like
 requires_grad_ register_hook retain_grad __array__ __deepcopy__ __reduce_ex__ __setstate__ dtype device
 is_leaf grad_fn requires_grad is_cuda is_sparse ndim names layout is_quantized is_meta output_nr _version
-_base __dlpack__ __dlpack_device__ equal allclose
+_base __dlpack__ __dlpack_device__ equal allclose is_nested is_mkldnn is_xla is_mps
+is_inference is_complex is_signed
 """.split())

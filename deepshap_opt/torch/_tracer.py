@@ -124,7 +124,8 @@ class RuleMode(TorchFunctionMode):
         """Reference phase: record ``tensors`` (batch-1 activations); explain phase: the matching Site."""
         k, self.count = self.count, self.count + 1
         if self.phase == "reference":
-            self.sites.append((kind, op, tuple(t.detach() for t in tensors)))
+            # clone: an in-place op (ReLU(inplace=True)) overwrites its input right after this
+            self.sites.append((kind, op, tuple(t.detach().clone() for t in tensors)))
             return None
         if k >= len(self.expected) or self.expected[k][0] != kind:
             raise ControlFlowError(
