@@ -1,0 +1,72 @@
+"""TensorFlow implementations of the rules of :mod:`deepshap_opt.rules.spec` (tested against
+:mod:`deepshap_opt.rules.reference`).
+
+Every function takes the explicand side ``*_x`` and the reference side ``*_r`` already shaped to
+broadcast against each other (``(n, 1, ...)`` against ``(1, m, ...)``) and returns broadcast results.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from ..rules.spec import MAXPOOL_EPS, PAIR_EPS, RESCALE_EPS
+
+
+def _safe_div(num, den, small):
+    return num / tf.where(small, tf.ones_like(den), den)
+
+
+def rescale_multiplier(s_x, s_r, y_x, y_r, dfx, eps: float = RESCALE_EPS):
+    """m = (y_x − y_r)/(s_x − s_r); f'(s_x) where |s_x − s_r| < eps (spec.Rescale)."""
+    d = s_x - s_r
+    small = tf.abs(d) < eps
+    m = _safe_div(y_x - y_r, d, small)
+    return tf.where(small, dfx + tf.zeros_like(m), m)
+
+
+def softmax_coefficients(z_x, z_r, eps: float = RESCALE_EPS):
+    """(u, v, p_x, p_r) of spec.Softmax along the last axis, broadcast."""
+    l_x = tf.reduce_logsumexp(z_x, axis=-1, keepdims=True)
+    l_r = tf.reduce_logsumexp(z_r, axis=-1, keepdims=True)
+    d = z_x - z_r
+    small = tf.abs(d) < eps
+    ex_lx, er_lx = tf.exp(z_x - l_x), tf.exp(z_r - l_x)
+    ex_lr, er_lr = tf.exp(z_x - l_r), tf.exp(z_r - l_r)
+    u = tf.where(small, ex_lx + tf.zeros_like(d), _safe_div(ex_lx - er_lx, d, small))
+    v = tf.where(small, ex_lr + tf.zeros_like(d), _safe_div(ex_lr - er_lr, d, small))
+    return u, v, tf.exp(z_x - l_x) + tf.zeros_like(d), tf.exp(z_r - l_r) + tf.zeros_like(d)
+
+
+def softmax_grad(g, u, v, p_x, p_r):
+    """grad_z = ½ g (u + v) − ½ (v Σ g p_x + u Σ g p_r)."""
+    sx = tf.reduce_sum(g * p_x, axis=-1, keepdims=True)
+    sr = tf.reduce_sum(g * p_r, axis=-1, keepdims=True)
+    return 0.5 * g * (u + v) - 0.5 * (v * sx + u * sr)
+
+
+def log_softmax_weights(z_x, z_r, eps: float = RESCALE_EPS):
+    """w of spec.LogSoftmax: grad_z = g − (Σ g) w."""
+    u, _, _, _ = softmax_coefficients(z_x, z_r, eps)
+    l_x = tf.reduce_logsumexp(z_x, axis=-1, keepdims=True)
+    l_r = tf.reduce_logsumexp(z_r, axis=-1, keepdims=True)
+    dl = l_x - l_r
+    small = tf.abs(dl) < eps
+    factor = _safe_div(dl, -tf.math.expm1(l_r - l_x), small)
+    return tf.where(small, u, u * factor)
+
+
+def pair_multipliers(g2, a_x, a_r, b_x, b_r, eps: float = PAIR_EPS):
+    """(m_a, m_b) of spec.ShapleyPair for z = g2(a, b), in the broadcast output shape."""
+    gxx, grr = g2(a_x, b_x), g2(a_r, b_r)
+    gxr, grx = g2(a_x, b_r), g2(a_r, b_x)
+    ca = 0.5 * ((gxx - grx) + (gxr - grr))
+    cb = 0.5 * ((gxx - gxr) + (grx - grr))
+    da = (a_x - a_r) + tf.zeros_like(ca)
+    db = (b_x - b_r) + tf.zeros_like(cb)
+    sa, sb = tf.abs(da) < eps, tf.abs(db) < eps
+    m_a = tf.where(sa, tf.zeros_like(ca), _safe_div(ca, da, sa))
+    m_b = tf.where(sb, tf.zeros_like(cb), _safe_div(cb, db, sb))
+    return m_a, m_b
+
+
+MAXLIKE_EPS = MAXPOOL_EPS

@@ -1,0 +1,477 @@
+"""Cached-reference DeepSHAP for TensorFlow 2 / Keras 3 (eager; no TF registry writes).
+
+How it runs (see docs/tf.md):
+
+1. The model is traced once with ``tf.function`` and its graph analysed (:mod:`._graph`): every op the
+   explained inputs flow through is linear (ordinary gradient) or a rule *site*; anything else is an
+   :class:`~deepshap_opt.UnsupportedOperatorError` naming the op and its layer, raised at construction.
+2. The M references run forward once; the values every site needs are cached (``(M, ...)``).
+3. Per batch of explicands: one forward of the ``n`` rows (outputs and site values), then for each
+   explained output one *surrogate* backward over ``n × m`` rows (all pairs of explicand × reference in a
+   chunk of ``batch_size`` rows): the graph is re-run with every site replaced by a ``tf.custom_gradient``
+   function whose gradient is the site's rule on the broadcast pair ``(n, 1, ...)`` vs ``(1, m, ...)``,
+   and linear ops keep their ordinary gradient. φ = mean over references of multiplier × (x − r).
+Both steps are ``tf.function``s traced once per chunk shape. The reference cache is rebuilt when the
+model's weights change (a fingerprint of the variables is checked on every call).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from .._explainer import ExplainerBase
+from ..rules.spec import MAXPOOL_EPS, RESCALE_EPS
+from . import _rules
+from ._graph import GraphProgram, _scope
+
+_LAYER_TAG = "deepshap_opt_layer_input"
+
+
+def _is_keras_tensor(t) -> bool:
+    import keras
+
+    return isinstance(t, keras.KerasTensor)
+
+
+def _to_array(x, what: str):
+    """numpy / tf.Tensor / DataFrame / list of numbers → float ndarray (no copy where possible)."""
+    if hasattr(x, "values") and hasattr(x, "columns"):           # pandas DataFrame
+        x = x.values
+    elif hasattr(x, "numpy") and not isinstance(x, np.ndarray):  # tf / torch tensors
+        x = x.numpy() if not hasattr(x, "detach") else x.detach().cpu().numpy()
+    try:
+        a = np.asarray(x)
+    except Exception as e:  # pragma: no cover - defensive
+        raise TypeError(f"{what} must be array-like (numpy, tf.Tensor or DataFrame), got {type(x).__name__}") from e
+    if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        raise TypeError(f"{what} must hold numbers, got dtype {a.dtype}")
+    return a
+
+
+class DeepExplainer(ExplainerBase):
+    """Drop-in for ``shap.DeepExplainer`` on Keras 3 / TF 2 models, computed with cached references.
+
+    Parameters
+    ----------
+    model : a Keras model (Sequential, functional or subclassed), an ``(inputs, outputs)`` pair of
+        KerasTensors of a functional graph, or ``(model, layer)`` to explain the input of ``layer``.
+    data : the background (references): an array, tensor or DataFrame ``(M, ...)``, or a list of those
+        for a multi-input model.
+    batch_size : most explicand × reference rows in one backward pass (bounds memory; default 32).
+    """
+
+    def __init__(self, model, data, batch_size: int = 32):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = int(batch_size)
+        self._layer = None
+        self._model = self._resolve_model(model)
+        self.multi_input = isinstance(data, (list, tuple))
+        data_list = list(data) if self.multi_input else [data]
+        if not data_list:
+            raise ValueError("data is an empty list")
+        arrays = [_to_array(d, "data") for d in data_list]
+        m = arrays[0].shape[0] if arrays[0].ndim else 0
+        if any(a.ndim < 1 or a.shape[0] != m for a in arrays) or m == 0:
+            raise ValueError("data must have at least one row (and the same number of rows for every input); got "
+                             f"shapes {[a.shape for a in arrays]}")
+        self._in_dtypes = self._input_dtypes(len(arrays))
+        self.data = [a.astype(dt, copy=False) for a, dt in zip(arrays, self._in_dtypes)]
+        self._row_shapes = [a.shape[1:] for a in self.data]
+        self.M = m
+        self._trace()
+        self._build_cache()
+
+    # -- model forms -----------------------------------------------------------------------------------
+    def _resolve_model(self, model):
+        import keras
+
+        if isinstance(model, tuple) and len(model) == 2 and not isinstance(model[0], keras.Model) and (
+                _is_keras_tensor(model[1]) or all(_is_keras_tensor(t) for t in tf.nest.flatten(model[0]))):
+            inputs, outputs = model
+            if not all(_is_keras_tensor(t) for t in tf.nest.flatten(inputs)) or not _is_keras_tensor(outputs):
+                raise TypeError("an (inputs, outputs) pair must hold KerasTensors of a functional model "
+                                "(Keras 3 has no graph-mode tf.Tensors)")
+            return keras.Model(inputs, outputs)
+        if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], keras.Model):
+            mdl, layer = model
+            if not isinstance(layer, keras.layers.Layer):
+                raise TypeError(f"(model, layer): the second item must be a keras Layer, got {type(layer).__name__}")
+            if not any(l is layer for l in mdl._flatten_layers(include_self=False)):
+                raise ValueError(f"layer {layer.name!r} is not a layer of model {mdl.name!r}")
+            self._layer = layer
+            return mdl
+        if isinstance(model, keras.Model) or isinstance(model, keras.layers.Layer):
+            return model
+        if callable(model) and not isinstance(model, (list, tuple)):
+            return model
+        raise TypeError(f"model must be a Keras model, (inputs, outputs) KerasTensors or (model, layer); got "
+                        f"{type(model).__name__}")
+
+    def _input_dtypes(self, k):
+        dts = []
+        specs = getattr(self._model, "inputs", None)
+        try:
+            specs = list(specs) if specs is not None else None
+        except Exception:  # subclassed models raise before being called
+            specs = None
+        for i in range(k):
+            dt = None
+            if specs and len(specs) == k:
+                dt = getattr(specs[i], "dtype", None)
+            dt = np.dtype(tf.as_dtype(dt).as_numpy_dtype) if dt else np.dtype(np.float32)
+            dts.append(dt)
+        return dts
+
+    def _call_model(self, xs):
+        inp = list(xs) if self.multi_input else xs[0]
+        try:
+            return self._model(inp, training=False)
+        except TypeError:
+            return self._model(inp)
+
+    def _trace(self):
+        specs = [tf.TensorSpec((None,) + tuple(s), tf.as_dtype(d)) for s, d in zip(self._row_shapes, self._in_dtypes)]
+        layer, names = self._layer, []
+        if layer is not None:
+            orig = layer.call
+
+            def tagged(*args, **kwargs):
+                if not names:
+                    x = args[0]
+                    flat = tf.nest.flatten(x)
+                    new = [tf.identity(t, name=_LAYER_TAG) for t in flat]
+                    names.extend(t.name for t in new)
+                    args = (tf.nest.pack_sequence_as(x, new),) + args[1:]
+                return orig(*args, **kwargs)
+
+            object.__setattr__(layer, "call", tagged)
+        try:
+            fn = tf.function(lambda *xs: self._call_model(xs), autograph=False)
+            cf = fn.get_concrete_function(*specs)
+        except ValueError as e:
+            raise ValueError(f"the model cannot be called on inputs of shape {[tuple(s.shape) for s in specs]}: {e}") from e
+        finally:
+            if layer is not None:
+                try:
+                    object.__delattr__(layer, "call")
+                except AttributeError:
+                    pass
+        if layer is not None and not names:
+            raise ValueError(f"layer {layer.name!r} was not called when the model ran")
+        self._cf = cf
+        self.prog = GraphProgram(cf, len(specs), names or None, f"(input of layer {layer.name!r})" if layer else "")
+        out = self.prog.output
+        if out.shape.rank not in (1, 2):
+            raise ValueError(f"the model output must be (batch, outputs) or (batch,), got shape {out.shape}")
+        self._vector_out = out.shape.rank == 1
+        self.num_outputs = 1 if self._vector_out else int(out.shape[1])
+        self._variables = list(cf.variables) if hasattr(cf, "variables") else []
+        self._fwd = tf.function(self._fwd_impl, autograph=False, reduce_retracing=True)
+        self._bwd = tf.function(self._bwd_impl, autograph=False)
+        self._fp_fn = tf.function(self._fingerprint_impl, autograph=False)
+
+    # -- forward (explicands and references) -----------------------------------------------------------
+    def _site_tensors(self, site):
+        """The graph tensors whose values a site needs (the rescale output is recomputed, not cached)."""
+        return list(site.inputs)
+
+    def _fwd_impl(self, *xs):
+        prog = self.prog
+        env = prog.run({t.ref(): x for t, x in zip(prog.model_inputs, xs)})
+        out = prog.value(env, prog.output)
+        if self._vector_out:
+            out = out[:, None]
+        vals, dfs = [], []
+        for site in prog.sites:
+            vals.append([prog.value(env, t) for t in site.inputs])
+            if site.kind == "rescale":
+                s, y = prog.value(env, site.inputs[0]), prog.value(env, site.output)
+                d = tf.gradients(y, s)[0]
+                dfs.append(tf.zeros_like(s) if d is None else d)
+        expl = [prog.value(env, t) for t in prog.explained]
+        return out, expl, vals, dfs
+
+    def _fingerprint_impl(self):
+        parts = []
+        for v in self._variables:
+            x = tf.cast(tf.reshape(v, [-1]), tf.float64) if v.dtype.is_floating or v.dtype.is_integer else None
+            if x is None:
+                continue
+            w = tf.range(1, tf.size(x) + 1, dtype=tf.float64) * 1e-3
+            parts.append(tf.stack([tf.reduce_sum(x), tf.reduce_sum(x * x), tf.reduce_sum(x * tf.sin(w))]))
+        return tf.concat(parts, 0) if parts else tf.zeros([0], tf.float64)
+
+    def _fingerprint(self):
+        return self._fp_fn().numpy() if self._variables else np.zeros(0)
+
+    def _chunks(self, n, size):
+        return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def _build_cache(self):
+        outs, expl, vals = [], [], []
+        for a, b in self._chunks(self.M, max(self.batch_size, 1)):
+            o, e, v, _ = self._fwd(*[tf.convert_to_tensor(d[a:b]) for d in self.data])
+            outs.append(o)
+            expl.append(e)
+            vals.append(v)
+        cat = lambda parts: tf.concat(parts, 0) if len(parts) > 1 else parts[0]  # noqa: E731
+        self._ref_out = cat(outs)
+        self._ref_expl = [cat([e[i] for e in expl]) for i in range(len(expl[0]))]
+        self._ref_vals = [[cat([v[s][j] for v in vals]) for j in range(len(vals[0][s]))] for s in range(len(vals[0]))]
+        for t in self._ref_expl + [x for v in self._ref_vals for x in v]:
+            if t.shape.rank == 0 or t.shape[0] != self.M:
+                raise ValueError("a tensor inside the model does not keep the batch axis first (the batch is folded "
+                                 "or reduced); DeepSHAP needs every activation to have one row per input row")
+        ev = np.asarray(self._ref_out.numpy(), np.float64).mean(axis=0)
+        self.expected_value = ev
+        self._fp = self._fingerprint()
+
+    # -- backward over explicand × reference pairs -----------------------------------------------------
+    def _bwd_impl(self, expl_x, expl_r, vals_x, dfs_x, vals_r, idx):
+        """Σ over the chunk's references of multiplier × (x − r), for output idx[i] of row i: (n, *in)."""
+        prog = self.prog
+        n = tf.shape(expl_x[0])[0]
+        m = tf.shape(expl_r[0])[0]
+
+        def bx(t):   # (n, ...) -> (n, 1, ...)
+            return tf.expand_dims(t, 1)
+
+        def br(t):   # (m, ...) -> (1, m, ...)
+            return tf.expand_dims(t, 0)
+
+        def flat(t):  # (n, m, ...) -> (n*m, ...)
+            return tf.reshape(t, tf.concat([[n * m], tf.shape(t)[2:]], 0))
+
+        def pairs(x, r):  # broadcast (n, m, ...) then flatten
+            full = tf.broadcast_to(bx(x), tf.concat([[n, m], tf.shape(x)[1:]], 0))
+            return flat(full), flat(tf.broadcast_to(br(r), tf.concat([[n, m], tf.shape(r)[1:]], 0)))
+
+        hooks = {}
+        dfi = 0
+        for si, site in enumerate(prog.sites):
+            vx, vr = vals_x[si], vals_r[si]
+            if site.kind == "rescale":
+                hooks[id(site.op)] = self._rescale_hook(site, vx[0], vr[0], dfs_x[dfi], bx, br, flat)
+                dfi += 1
+            elif site.kind == "maxlike":
+                hooks[id(site.op)] = self._maxlike_hook(site, vx[0], vr[0], pairs)
+            elif site.kind in ("softmax", "log_softmax"):
+                hooks[id(site.op)] = self._softmax_hook(site, vx[0], vr[0], bx, br, flat)
+            elif site.kind == "bilinear":
+                hooks[id(site.op)] = self._bilinear_hook(site, vx, vr, bx, br, flat)
+            elif site.kind == "pair":
+                hooks[id(site.op)] = self._pair_hook(site, vx, vr, bx, br, flat)
+        zs = [tf.zeros(tf.concat([[n * m], tf.shape(x)[1:]], 0), x.dtype) for x in expl_x]
+        feeds = {t.ref(): z for t, z in zip(prog.explained, zs)}
+        for t, x in zip(prog.model_inputs, self._surrogate_inputs(n * m)):
+            if t.ref() not in feeds:
+                feeds[t.ref()] = x
+        env = prog.run(feeds, ops=self._surrogate_ops, hooks=hooks)
+        out = prog.value(env, prog.output)
+        if self._vector_out:
+            out = out[:, None]
+        seed = tf.one_hot(tf.repeat(idx, m), tf.shape(out)[1], dtype=out.dtype)
+        grads = tf.gradients(out, zs, grad_ys=seed)
+        phis = []
+        for g, x, r, z in zip(grads, expl_x, expl_r, zs):
+            if g is None:
+                g = tf.zeros_like(z)
+            g = tf.reshape(g, tf.concat([[n, m], tf.shape(x)[1:]], 0))
+            phis.append(tf.reduce_sum(g * (bx(x) - br(r)), axis=1))
+        return phis
+
+    def _surrogate_inputs(self, rows):
+        # model inputs the surrogate still reads (only for shapes, checked by the analysis): zeros
+        return [tf.zeros(tf.concat([[rows], tf.constant(s, tf.int32)], 0) if s else [rows], d)
+                for s, d in zip([list(s) for s in self._row_shapes], self._in_dtypes)]
+
+    @property
+    def _surrogate_ops(self):
+        ops = getattr(self, "_sur_ops", None)
+        if ops is None:
+            prog = self.prog
+            keep = prog._needed([prog.output], stop=prog.explained)
+            exits = {id(s.op) for s in prog.sites if s.region}
+            ops = [op for op in keep if id(op) not in prog.region_ops or id(op) in exits]
+            self._sur_ops = ops
+        return ops
+
+    def _recompute_output(self, site, s):
+        """The site's output for input value s (re-running the op / region on cached inputs)."""
+        prog = self.prog
+        env = {site.inputs[0].ref(): s}
+        prog.run(env, ops=site.region if site.region else [site.op], env=env)
+        return prog.value(env, site.output)
+
+    def _run_single(self, op, feeds):
+        env = dict(feeds)
+        self.prog.run(env, ops=[op], env=env)
+        return env
+
+    def _rescale_hook(self, site, sx, sr, dfx, bx, br, flat):
+        prog = self
+        yx = self._recompute_output(site, sx)
+        yr = self._recompute_output(site, sr)
+        mult = flat(_rules.rescale_multiplier(bx(sx), br(sr), bx(yx), br(yr), bx(dfx), RESCALE_EPS))
+
+        def hook(env):
+            x = prog.prog.value(env, site.inputs[0])
+
+            @tf.custom_gradient
+            def rule(z):
+                return tf.identity(z), lambda g: g * mult
+
+            env[site.output.ref()] = rule(x)
+        return hook
+
+    def _maxlike_hook(self, site, xin, rin, pairs):
+        prog = self.prog
+        op = site.op
+        yx = self._run_single(op, {site.inputs[0].ref(): xin})
+        yx = prog.value(yx, site.output)
+        yr = prog.value(self._run_single(op, {site.inputs[0].ref(): rin}), site.output)
+        xb, rb = pairs(xin, rin)
+        yxb, yrb = pairs(yx, yr)
+        is_min = op.type == "Min"
+
+        def apply(v):
+            return prog.value(self._run_single(op, {site.inputs[0].ref(): v}), site.output)
+
+        def hook(env):
+            x = prog.value(env, site.inputs[0])
+
+            @tf.custom_gradient
+            def rule(z):
+                def grad(g):
+                    c = tf.minimum(yxb, yrb) if is_min else tf.maximum(yxb, yrb)
+                    ox, orr = apply(xb), apply(rb)
+                    routed = tf.gradients(ox, xb, grad_ys=g * (c - yrb))[0] + \
+                        tf.gradients(orr, rb, grad_ys=g * (yxb - c))[0]
+                    d = xb - rb
+                    small = tf.abs(d) < MAXPOOL_EPS
+                    return tf.where(small, tf.zeros_like(d), routed / tf.where(small, tf.ones_like(d), d))
+                return apply(z), grad
+
+            env[site.output.ref()] = rule(x)
+        return hook
+
+    def _softmax_hook(self, site, zx, zr, bx, br, flat):
+        prog = self.prog
+        if site.kind == "softmax":
+            u, v, px, pr = (flat(t) for t in _rules.softmax_coefficients(bx(zx), br(zr), RESCALE_EPS))
+
+            def grad_fn(g):
+                return _rules.softmax_grad(g, u, v, px, pr)
+        else:
+            w = flat(_rules.log_softmax_weights(bx(zx), br(zr), RESCALE_EPS))
+
+            def grad_fn(g):
+                return g - tf.reduce_sum(g, axis=-1, keepdims=True) * w
+
+        def hook(env):
+            x = prog.value(env, site.inputs[0])
+
+            @tf.custom_gradient
+            def rule(z):
+                return tf.identity(z), grad_fn
+
+            env[site.output.ref()] = rule(x)
+        return hook
+
+    def _clone_with(self, env, site, override):
+        """Re-run site.op with the inputs at `override` positions replaced; the others from env."""
+        return self.prog.exec_op(site.op, dict(env), override=override)[0]
+
+    def _bilinear_hook(self, site, vx, vr, bx, br, flat):
+        (pa, pb) = site.positions
+        abar = flat(0.5 * (bx(vx[0]) + br(vr[0])))
+        bbar = flat(0.5 * (bx(vx[1]) + br(vr[1])))
+
+        def hook(env):
+            a, b = (self.prog.value(env, t) for t in site.inputs)
+            z1 = self._clone_with(env, site, {pa: a, pb: tf.stop_gradient(bbar)})
+            z2 = self._clone_with(env, site, {pa: tf.stop_gradient(abar), pb: b})
+            env[site.output.ref()] = z1 + z2
+        return hook
+
+    def _pair_hook(self, site, vx, vr, bx, br, flat):
+        (pa, pb) = site.positions
+
+        def g2(a, b):
+            return self._clone_with({}, site, {pa: a, pb: b})
+
+        ma, mb = _rules.pair_multipliers(g2, bx(vx[0]), br(vr[0]), bx(vx[1]), br(vr[1]))
+        ma, mb = flat(ma), flat(mb)
+
+        def hook(env):
+            a, b = (self.prog.value(env, t) for t in site.inputs)
+            env[site.output.ref()] = a * tf.stop_gradient(ma) + b * tf.stop_gradient(mb)
+        return hook
+
+    # -- the public computation -----------------------------------------------------------------------
+    def _check_cache(self):
+        fp = self._fingerprint()
+        if fp.shape != self._fp.shape or not np.array_equal(fp, self._fp):
+            self._build_cache()
+
+    def _inputs_of(self, X):
+        if self.multi_input:
+            if not isinstance(X, (list, tuple)) or len(X) != len(self.data):
+                raise ValueError(f"this model has {len(self.data)} inputs: pass X as a list of {len(self.data)} arrays")
+            xs = list(X)
+        else:
+            if isinstance(X, (list, tuple)) and len(X) == 1 and not np.isscalar(X[0]) and \
+                    np.ndim(X[0]) == len(self._row_shapes[0]) + 1:
+                X = X[0]
+            xs = [X]
+        arrays = []
+        for i, (x, shape, dt) in enumerate(zip(xs, self._row_shapes, self._in_dtypes)):
+            a = _to_array(x, "X")
+            if a.ndim == len(shape) and a.shape == tuple(shape):
+                raise ValueError(f"X{'[%d]' % i if self.multi_input else ''} has shape {a.shape}: pass a batch "
+                                 f"(N, {', '.join(map(str, shape))})")
+            if a.shape[1:] != tuple(shape):
+                raise ValueError(f"X{'[%d]' % i if self.multi_input else ''} has rows of shape {a.shape[1:]}, the "
+                                 f"background has {tuple(shape)}")
+            arrays.append(a.astype(dt, copy=False))
+        if len({a.shape[0] for a in arrays}) != 1:
+            raise ValueError(f"the inputs have different numbers of rows: {[a.shape[0] for a in arrays]}")
+        return arrays
+
+    def _explain(self, X, select):
+        xs = self._inputs_of(X)
+        self._check_cache()
+        N = xs[0].shape[0]
+        M = self.M
+        per = max(1, self.batch_size // M) if self.batch_size >= M else 1
+        mc = M if self.batch_size >= M else self.batch_size
+        outputs, idx_all = [], []
+        fwd = []
+        for a, b in self._chunks(N, per):
+            out, ex, vals, dfs = self._fwd(*[tf.convert_to_tensor(x[a:b]) for x in xs])
+            outputs.append(out.numpy())
+            fwd.append((ex, vals, dfs))
+        outputs = np.concatenate(outputs, 0) if outputs else np.zeros((0, self.num_outputs))
+        indexes = np.asarray(select(outputs)) if N else np.zeros((0, 0), int)
+        k = indexes.shape[1] if indexes.ndim == 2 else 0
+        phis = [np.zeros((N,) + tuple(t.shape[1:]) + (k,), np.float64) for t in self._ref_expl]
+        ref_chunks = [(a, b, [r[a:b] for r in self._ref_expl],
+                       [[v[a:b] for v in vs] for vs in self._ref_vals]) for a, b in self._chunks(M, mc)]
+        for (a, b), (ex, vals, dfs) in zip(self._chunks(N, per), fwd):
+            for j in range(k):
+                idx = tf.constant(indexes[a:b, j], tf.int32)
+                acc = None
+                for _, _, rex, rvals in ref_chunks:
+                    part = self._bwd(ex, rex, vals, dfs, rvals, idx)
+                    acc = [p.numpy().astype(np.float64) for p in part] if acc is None else \
+                        [s + p.numpy() for s, p in zip(acc, part)]
+                for i, s in enumerate(acc):
+                    phis[i][a:b, ..., j] = s / M
+        return phis, outputs.astype(np.float64), indexes, self._in_dtypes[0] if self._layer is None else \
+            self._ref_expl[0].dtype.as_numpy_dtype
+
+    def __repr__(self):
+        return (f"deepshap_opt.tf.DeepExplainer({len(self.prog.sites)} rule sites, M={self.M}, "
+                f"outputs={self.num_outputs}, batch_size={self.batch_size})")
