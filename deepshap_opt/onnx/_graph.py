@@ -449,11 +449,18 @@ class ExplanationBuilder:
             else:
                 fwd.append(n)
         g = p.model.graph
+        outs = []
+        for o in g.output:
+            tt = o.type.tensor_type
+            if (not o.type.HasField("tensor_type") or not tt.HasField("shape")) and o.name in p.dtype:
+                dims = ["N", *p.rest[o.name]] if p.batched.get(o.name) else list(p.rest[o.name])
+                o = helper.make_tensor_value_info(o.name, helper.np_dtype_to_tensor_dtype(p.dtype[o.name]), dims)
+            outs.append(o)
         graph = helper.make_graph(
             fwd + ref_nodes + b.nodes, g.name or "deepshap", list(g.input) + (
                 [helper.make_tensor_value_info("target", TensorProto.INT64, ["N", "S"])] if self.mode == "target"
                 else []),
-            list(g.output) + list(new_outputs),
+            outs + list(new_outputs),
             initializer=list(g.initializer) + ref_inits + b.inits)
         # Constant-node / sparse initializers are kept as nodes; keep sparse ones
         graph.sparse_initializer.extend(g.sparse_initializer)
