@@ -35,7 +35,7 @@ class Builder:
         if key is not None and key in self._consts:
             return self._consts[key]
         name = self.fresh(hint)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        self.inits.append(numpy_helper.from_array(np.array(arr, order="C", copy=True), name))
         if key is not None:
             self._consts[key] = name
         return name

@@ -340,7 +340,7 @@ class ExplanationBuilder:
             tgt = "target"
             idx = b.reshape(b.cast(tgt, TensorProto.INT64), b.op("Concat", [self.Nt, b.i64([-1])], axis=0))
         self.idx = idx
-        onehot = b.op("OneHot", [idx, b.i64([self.K]), b.const(np.array([0, 1], ydt))], axis=-1)   # (N,S,K)
+        onehot = b.op("OneHot", [idx, b.i64(self.K), b.const(np.array([0, 1], ydt))], axis=-1)   # (N,S,K)
         seed = b.op("Expand", [b.unsqueeze(onehot, [2]), b.i64([1, 1, self.M, 1])])                 # (N,S,M,K)
         seed = self.flat(seed, p.rest[y])
         grads: dict[str, list[str]] = defaultdict(list)
@@ -983,10 +983,10 @@ class ExplanationBuilder:
         C, hw = rest_in[0], int(np.prod(rest_in[1:]))
         dt = helper.np_dtype_to_tensor_dtype(p.dtype[x])
         onv = b.const(np.array([0, 1], p.dtype[x]))
-        mx = b.op("OneHot", [b.op("ArgMax", [b.reshape(x, [-1, 1, 1, C, hw])], axis=4, keepdims=0), b.i64([hw]),
+        mx = b.op("OneHot", [b.op("ArgMax", [b.reshape(x, [-1, 1, 1, C, hw])], axis=4, keepdims=0), b.i64(hw),
                              onv], axis=-1)
         mr = b.op("OneHot", [b.op("ArgMax", [b.reshape(self.R4(x), [1, 1, self.M, C, hw])], axis=4, keepdims=0),
-                             b.i64([hw]), onv], axis=-1)
+                             b.i64(hw), onv], axis=-1)
         del dt
         yx4 = b.reshape(y, [-1, 1, 1, C, 1])
         yr4 = b.reshape(self.R4(y), [1, 1, self.M, C, 1])

@@ -1,0 +1,177 @@
+"""The exported file is self-contained: it passes the full checker, runs where torch, tensorflow and
+deepshap_opt cannot be imported, equals the torch backend, and gives the same in onnx.reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+
+import deepshap_opt.onnx as dso  # noqa: E402
+
+from _onnx_util import completeness_error, expected_value, run, torch_backend  # noqa: E402
+
+BLOCKER = textwrap.dedent("""
+    import sys
+    class _Block:
+        BLOCKED = ("torch", "tensorflow", "keras", "deepshap_opt", "tf2onnx", "shap")
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in self.BLOCKED:
+                raise ImportError("blocked in this test: " + name)
+            return None
+    sys.meta_path.insert(0, _Block())
+""")
+
+RUNNER = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import onnxruntime as ort
+    for mod in ("torch", "tensorflow", "deepshap_opt"):
+        try:
+            __import__(mod)
+            raise SystemExit(mod + " could be imported")
+        except ImportError:
+            pass
+    path, xin, out = sys.argv[1:4]
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    res = sess.run(None, {"input": np.load(xin)})
+    np.savez(out, **{o.name: r for o, r in zip(sess.get_outputs(), res)})
+    meta = sess.get_modelmeta().custom_metadata_map
+    print(json.dumps({"expected_value": meta["deepshap_opt.expected_value"], "modules": sorted(
+        m for m in sys.modules if m.split(".")[0] in ("torch", "tensorflow", "deepshap_opt"))}))
+""")
+
+
+class Net(nn.Module):
+    """Conv / BN / ReLU / MaxPool (overlapping) / residual add / concat / SE gate / softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.MaxPool2d(3, 2, 1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(16, 8, 1)
+        self.se = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.pool(torch.relu(self.bn(self.c1(x))))
+        h = torch.relu(self.c2(h)) + h
+        h = self.c3(torch.cat([h, torch.sigmoid(h)], 1))
+        h = h * torch.sigmoid(self.se(h.mean((2, 3), keepdim=True)))
+        return torch.softmax(self.fc(h.mean((2, 3))), -1)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Net().eval()
+    model.bn.running_mean.uniform_(-0.3, 0.3)
+    model.bn.running_var.uniform_(0.5, 1.5)
+    bg = torch.randn(8, 3, 16, 16)
+    X = torch.randn(3, 3, 16, 16)
+    d = tmp_path_factory.mktemp("onnx")
+    path = str(d / "net.onnx")
+    dso.export(model, bg, path, outputs="topk:2")
+    return model, bg, X, path, d
+
+
+def test_full_check_and_standalone_process(exported):
+    model, bg, X, path, d = exported
+    onnx.checker.check_model(path, full_check=True)
+    np.save(d / "x.npy", X.numpy())
+    script = d / "runner.py"
+    script.write_text(BLOCKER + RUNNER)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONNOUSERSITE"] = "1"
+    proc = subprocess.run([sys.executable, "-I", str(script), path, str(d / "x.npy"), str(d / "out.npz")],
+                          capture_output=True, text=True, env=env, cwd=str(d), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["modules"] == []
+    res = dict(np.load(d / "out.npz"))
+    assert set(res) == {"output", "shap_values", "shap_indexes"}
+    assert res["shap_values"].shape == (3, 3, 16, 16, 2)
+    ev = np.array([float(v) for v in info["expected_value"].split(",")])
+    y = res["output"]
+    rows = np.arange(3)[:, None]
+    total = res["shap_values"].astype(np.float64).sum((1, 2, 3))
+    scale = max(np.abs(y).max(), np.abs(ev).max())
+    err = np.abs(total - (y[rows, res["shap_indexes"]] - ev[res["shap_indexes"]])).max()
+    assert err <= 1e-4 * scale, err
+    TDE = torch_backend()
+    if TDE is None:
+        pytest.skip("torch backend not importable yet")
+    tv, tidx = TDE(model, bg).shap_values(X, ranked_outputs=2)
+    np.testing.assert_array_equal(np.asarray(tidx), res["shap_indexes"])
+    diff = np.abs(np.asarray(tv) - res["shap_values"]).max()
+    assert diff <= 1e-4 * scale, diff
+
+
+def test_reference_evaluator_agrees(exported):
+    from onnx.reference import ReferenceEvaluator
+
+    model, bg, X, path, d = exported
+    proto = onnx.load(path)
+    ort_out = run(proto, {"input": X.numpy()})
+    ref = ReferenceEvaluator(proto)
+    names = [o.name for o in proto.graph.output]
+    ref_out = dict(zip(names, ref.run(None, {"input": X.numpy()})))
+    np.testing.assert_array_equal(ref_out["shap_indexes"], ort_out["shap_indexes"])
+    scale = np.abs(ort_out["output"]).max()
+    assert np.abs(ref_out["shap_values"] - ort_out["shap_values"]).max() <= 1e-5 * scale
+    err, sc = completeness_error(proto, ref_out)
+    assert err <= 1e-4 * sc
+
+
+@pytest.mark.parametrize("cache", ["embed", "recompute"])
+def test_cache_modes_agree(exported, cache):
+    model, bg, X, path, d = exported
+    base = run(onnx.load(path), {"input": X.numpy()})
+    proto = dso.build(model, bg, outputs="topk:2", cache=cache)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["deepshap_opt.cache"] == cache
+    out = run(proto, {"input": X.numpy()})
+    np.testing.assert_allclose(out["shap_values"], base["shap_values"], atol=1e-6)
+    np.testing.assert_allclose(expected_value(proto), expected_value(onnx.load(path)), atol=1e-6)
+
+
+def test_deep_explainer_drop_in(exported):
+    model, bg, X, path, d = exported
+    e = dso.DeepExplainer(model, bg)
+    v = e.shap_values(X)
+    assert v.shape == (3, 3, 16, 16, 5) and v.dtype == np.float64
+    assert e.expected_value.shape == (5,)
+    v2, idx = e.shap_values(X, ranked_outputs=2)
+    assert idx.shape == (3, 2)
+    rows = np.arange(3)[:, None]
+    np.testing.assert_allclose(v2, np.moveaxis(np.moveaxis(v, -1, 0)[idx.T, rows.T], 0, -1), atol=1e-7)
+    e2 = dso.DeepExplainer(path.replace("net.onnx", "net.onnx"), bg.numpy()) if False else None
+    del e2
+    # a plain .onnx path works too
+    plain = str(d / "plain.onnx")
+    torch.onnx.export(model, (bg[:2],), plain, dynamo=False, opset_version=18, input_names=["input"],
+                      output_names=["output"], dynamic_axes={"input": {0: "N"}, "output": {0: "N"}})
+    e3 = dso.DeepExplainer(plain, bg.numpy())
+    np.testing.assert_allclose(e3.shap_values(X.numpy()), v, atol=1e-6)
+    expl = e(X[:2])
+    assert expl.values.shape == (2, 3, 16, 16, 5) and expl.base_values.shape == (2, 5)
+
+
+def test_import_does_not_pull_frameworks():
+    code = ("import sys, deepshap_opt.onnx; "
+            "bad = [m for m in ('torch', 'tensorflow', 'keras') if m in sys.modules]; "
+            "raise SystemExit(repr(bad) if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
