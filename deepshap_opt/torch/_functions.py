@@ -67,8 +67,10 @@ class Rescale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         r_in, r_out = ctx.site.refs()
-        m = _safe_div(ctx.y - r_out, ctx.x - r_in, RESCALE_EPS, ctx.dfx)
-        return g * m, None, None
+        d = ctx.x - r_in
+        small = d.abs() < RESCALE_EPS
+        m = (ctx.y - r_out).div_(d.masked_fill_(small, 1.0))   # in place: fewer passes over n·M rows
+        return g * torch.where(small, ctx.dfx, m), None, None
 
 
 class MaxPool(torch.autograd.Function):
@@ -176,7 +178,11 @@ class ShapleyPair(torch.autograd.Function):
 
 
 def _softmax_parts(z, z_r, dim):
-    """u = m_exp/s_x and v = m_exp/s_r of the softmax decomposition, computed through logsumexp."""
+    """u = m_exp/s_x and v = m_exp/s_r of the softmax decomposition, computed through logsumexp.
+
+    Callers pass float64: the decomposition's terms grow like exp(L_r − L_x) and cancel, so float32
+    would overflow once explicand and reference logits differ by ~88.
+    """
     lx, lr = torch.logsumexp(z, dim, keepdim=True), torch.logsumexp(z_r, dim, keepdim=True)
     d = z - z_r
     u = _safe_div(torch.exp(z - lx) - torch.exp(z_r - lx), d, RESCALE_EPS, torch.exp(z - lx))
@@ -194,15 +200,17 @@ class Softmax(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         z, dim, site = inputs
-        ctx.z, ctx.p, ctx.dim, ctx.site = z.detach().clone(), output.detach().clone(), dim, site
+        ctx.z, ctx.dim, ctx.site = z.detach().clone(), dim, site
 
     @staticmethod
     def backward(ctx, g):
         (z_r,) = ctx.site.refs()
-        u, v, _, _ = _softmax_parts(ctx.z, z_r, ctx.dim)
-        p_r = torch.softmax(z_r, ctx.dim)
-        px, pr = (g * ctx.p).sum(ctx.dim, keepdim=True), (g * p_r).sum(ctx.dim, keepdim=True)
-        return 0.5 * g * (u + v) - 0.5 * (v * px + u * pr), None, None
+        dt, g = g.dtype, g.double()
+        z, z_r = ctx.z.double(), z_r.double()
+        u, v, _, _ = _softmax_parts(z, z_r, ctx.dim)
+        p_x, p_r = torch.softmax(z, ctx.dim), torch.softmax(z_r, ctx.dim)
+        px, pr = (g * p_x).sum(ctx.dim, keepdim=True), (g * p_r).sum(ctx.dim, keepdim=True)
+        return (0.5 * g * (u + v) - 0.5 * (v * px + u * pr)).to(dt), None, None
 
 
 class LogSoftmax(torch.autograd.Function):
@@ -220,8 +228,9 @@ class LogSoftmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (z_r,) = ctx.site.refs()
-        u, _, lx, lr = _softmax_parts(ctx.z, z_r, ctx.dim)
+        dt, g = g.dtype, g.double()
+        u, _, lx, lr = _softmax_parts(ctx.z.double(), z_r.double(), ctx.dim)
         dl = lx - lr
         w = torch.where(dl.abs() < RESCALE_EPS, u, u * dl / torch.where(dl.abs() < RESCALE_EPS,
                                                                         torch.ones_like(dl), -torch.expm1(-dl)))
-        return g - g.sum(ctx.dim, keepdim=True) * w, None, None
+        return (g - g.sum(ctx.dim, keepdim=True) * w).to(dt), None, None

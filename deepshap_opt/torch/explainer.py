@@ -78,6 +78,27 @@ def _as_tensor(x, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
     return x
 
 
+def _batch_leading(sites1, sitesM, M) -> bool:
+    """Whether every site of the batched reference pass has the batch on axis 0 (shape (M, *rest) where
+    the single-row pass has (1, *rest)) and both passes took the same path."""
+    if len(sites1) != len(sitesM):
+        return False
+    for (k1, _, t1), (kM, _, tM) in zip(sites1, sitesM):
+        if k1 != kM or len(t1) != len(tM):
+            return False
+        for a, b in zip(t1, tM):
+            if a.dim() == 0 or a.shape[0] != 1 or b.shape != (M, *a.shape[1:]):
+                return False
+    return True
+
+
+def _check_same_path(site_lists):
+    shapes = [[(k, [t.shape for t in ts]) for k, _, ts in sites] for sites in site_lists]
+    if any(s != shapes[0] for s in shapes[1:]):
+        raise ControlFlowError("the references take different paths through the model (data-dependent "
+                               "control flow); DeepSHAP with cached references needs one path")
+
+
 class DeepExplainer(ExplainerBase):
     """DeepSHAP for a ``torch.nn.Module`` with op-level rules and cached references.
 
@@ -228,28 +249,41 @@ class DeepExplainer(ExplainerBase):
         return out
 
     # ---- the reference cache ------------------------------------------------------------------------
+    def _reference_pass(self, rows: slice, where):
+        """One forward of the references ``rows`` recording every site: (sites, roots, outputs (m, K))."""
+        mode = RuleMode("reference", where=where)
+        out, used = self._run(mode, [d[rows] for d in self.data])
+        return mode.sites, [u.detach() for u in used], self._check_output(out)
+
     def _build_cache(self):
-        per_ref, outs, roots = [], [], []
+        """Run the references forward and keep each rule site's activations as (M, *batch-1 shape).
+
+        The references run as one batch, and once more the first reference alone to learn each site's
+        batch-1 shape; where a site's batch axis is not axis 0 (folded into another axis, or moved), the
+        references run one row at a time instead.
+        """
+        M = self.data[0].shape[0]
         with self._session() as where, torch.no_grad():
-            for j in range(self.data[0].shape[0]):
-                mode = RuleMode("reference", where=where)
-                out, used = self._run(mode, [d[j:j + 1] for d in self.data])
-                outs.append(self._check_output(out).reshape(1, -1))
-                per_ref.append(mode.sites)
-                roots.append([u.detach() for u in used])
-        first = per_ref[0]
-        for recs in per_ref[1:]:
-            if [(k, [t.shape for t in ts]) for k, _, ts in recs] != [(k, [t.shape for t in ts]) for k, _, ts in first]:
-                raise ControlFlowError("the references take different paths through the model (data-dependent "
-                                       "control flow); DeepSHAP with cached references needs one path")
-        self._cache = ReferenceCache(
-            sites=[(kind, op, tuple(torch.stack([recs[i][2][t] for recs in per_ref]) for t in range(len(ts))))
-                   for i, (kind, op, ts) in enumerate(first)],
-            roots=[torch.stack([r[i] for r in roots]) for i in range(len(roots[0]))],
-            outputs=torch.cat(outs), fingerprint=_fingerprint(self.model))
-        self.num_outputs = self._cache.outputs.shape[1]
-        self._output_1d = outs[0].shape != out.shape
-        self.expected_value = self._cache.outputs.mean(0).cpu().numpy()
+            sites1, roots1, out1 = self._reference_pass(slice(0, 1), where)
+            batched = None
+            if M > 1:
+                sitesM, rootsM, outM = self._reference_pass(slice(0, M), where)
+                if _batch_leading(sites1, sitesM, M) and torch.allclose(outM[:1], out1, rtol=1e-4, atol=1e-5):
+                    batched = ([(k, op, tuple(t.unsqueeze(1) for t in ts)) for k, op, ts in sitesM],
+                               [r.unsqueeze(1) for r in rootsM], outM)
+            if batched is None:
+                passes = [(sites1, roots1, out1)] + [self._reference_pass(slice(j, j + 1), where) for j in range(1, M)]
+                _check_same_path([p[0] for p in passes])
+                batched = ([(kind, op, tuple(torch.stack([p[0][i][2][t] for p in passes])
+                                             for t in range(len(ts)))) for i, (kind, op, ts) in enumerate(sites1)],
+                           [torch.stack([p[1][i] for p in passes]) for i in range(len(roots1))],
+                           torch.cat([p[2] for p in passes]))
+        sites, roots, outputs = batched
+        self._output_1d = outputs.dim() == 1
+        outputs = outputs.reshape(M, -1)
+        self._cache = ReferenceCache(sites=sites, roots=roots, outputs=outputs, fingerprint=_fingerprint(self.model))
+        self.num_outputs = outputs.shape[1]
+        self.expected_value = outputs.mean(0).cpu().numpy()
 
     def _current_cache(self) -> ReferenceCache:
         if self._cache.fingerprint != _fingerprint(self.model):
@@ -319,7 +353,10 @@ class DeepExplainer(ExplainerBase):
 
             def per_reference(site_refs, root_refs):
                 state.refs = site_refs
-                grads = torch.func.vmap(vjp_fn)(seeds)                 # per root (k, n, *in)
+                if k == 1:   # one output: no inner vmap level (cheaper batching rules)
+                    grads = tuple(g.unsqueeze(0) for g in vjp_fn(seeds[0]))
+                else:
+                    grads = torch.func.vmap(vjp_fn)(seeds)             # per root (k, n, *in)
                 return tuple(g * (x - r) for g, x, r in zip(grads, roots_x, root_refs))
 
             totals = [torch.zeros(k, *r.shape, dtype=r.dtype, device=r.device) for r in roots_x]
