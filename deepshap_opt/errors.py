@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 
-class UnsupportedOperatorError(TypeError):
+class UnsupportedOperatorError(NotImplementedError):
     """An op that the explained input flows through has no DeepLIFT rule.
 
-    Raised before any number is returned, never replaced by a silent plain gradient.
+    Raised before any number is returned, never replaced by a silent plain gradient. (Not a TypeError:
+    torch turns a TypeError raised inside a binary operator into NotImplemented, hiding the message.)
     ``op`` is the op's name in its framework, ``where`` the module path / layer / node name.
     """
 

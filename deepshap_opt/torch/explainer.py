@@ -176,7 +176,8 @@ class DeepExplainer(ExplainerBase):
     def _session(self):
         """Eval semantics, module-path tracking; the model's modes are restored and no hook is left."""
         modes = [(m, m.training) for m in self.model.modules()]
-        if self.model.training:
+        if self.model.training and not getattr(self, "_warned_training", False):
+            self._warned_training = True
             warnings.warn("the model is in training mode: explaining it in eval mode (restored afterwards)",
                           stacklevel=4)
         self.model.eval()
@@ -212,7 +213,7 @@ class DeepExplainer(ExplainerBase):
         def substitute(values):
             new = [r.clone() for r in (roots if roots is not None else values)]
             mode.mark(new)
-            used.extend(new)
+            used.extend(t.detach().clone() for t in new)   # before the model's in-place ops touch them
             return new
 
         if self.layer is None:
