@@ -93,3 +93,12 @@ def test_table_names_a_rule_for_every_elementwise_op():
     assert rule_for("no_such_op") is None
     assert {r.name for r in OPS.values()} == {"linear", "rescale", "maxpool", "bilinear", "shapley_pair", "softmax",
                                              "log_softmax", "normalization"}
+
+
+def test_docs_rule_table_is_generated_from_the_spec():
+    from pathlib import Path
+
+    from deepshap_opt.rules.__main__ import markdown
+
+    doc = Path(__file__).resolve().parents[2] / "docs" / "rules.md"
+    assert doc.read_text() == markdown(), "docs/rules.md is stale: python -m deepshap_opt.rules > docs/rules.md"
