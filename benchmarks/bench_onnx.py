@@ -1,0 +1,236 @@
+"""One-shot ONNX deployment: onnxruntime latency of the exported explanation file against the torch floor,
+shap's torch DeepExplainer and our torch backend, on the four models of the ONNXExplainer paper.
+
+Every case runs in a fresh subprocess (so ``resource.getrusage`` gives that case's own peak memory); the
+onnxruntime case imports only numpy + onnxruntime. All cases explain the top-1 output of the same N
+explicands against the same M references with the same weights (seeded), CPU, the same thread count.
+
+  floor       torch: one forward of N (no grad) + one ordinary input-gradient backward over N×M rows
+              (the backward alone is timed; its forward is not counted)
+  shap        shap 0.51 DeepExplainer (PyTorch), ranked_outputs=1
+  ours_torch  deepshap_opt.torch.DeepExplainer, ranked_outputs=1
+  onnx        onnxruntime InferenceSession on the file from deepshap_opt.onnx.export(..., outputs="top1")
+
+Usage:  python benchmarks/bench_onnx.py [--size 224 --n 4 --m 32 --models resnet50,...] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+MODELS = ["resnet50", "vgg19", "densenet201", "efficientnet_b0"]
+METHODS = ["floor", "shap", "ours_torch", "onnx"]
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _timeit(fn, repeats: int, warmup: int):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), ts
+
+
+def _torch_setup(args):
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, HERE)
+    from torch_models import MODELS as TM
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = TM[args.model](num_classes=args.classes).eval()
+    data = np.load(args.data)
+    return torch, model, torch.from_numpy(data["bg"]), torch.from_numpy(data["x"])
+
+
+def case_export(args):
+    torch, model, bg, X = _torch_setup(args)
+    sys.path.insert(0, ROOT)
+    import deepshap_opt.onnx as dso
+
+    t0 = time.perf_counter()
+    dso.export(model, bg, args.file, outputs="top1", check=False)
+    return {"export_s": time.perf_counter() - t0, "file_mb": os.path.getsize(args.file) / 2**20}
+
+
+def case_floor(args):
+    torch, model, bg, X = _torch_setup(args)
+    N, M = X.shape[0], bg.shape[0]
+    rows = X.repeat_interleave(M, 0)
+
+    def once():
+        with torch.no_grad():
+            model(X)
+        xr = rows.clone().requires_grad_(True)
+        y = model(xr)
+        sel = y[:, 0].sum()
+        t0 = time.perf_counter()
+        torch.autograd.grad(sel, xr)
+        return time.perf_counter() - t0
+
+    for _ in range(args.warmup):
+        once()
+    ts = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(X)
+        tf = time.perf_counter() - t0
+        ts.append(tf + once() - 0.0)
+    return {"latency_s": statistics.median(ts), "all_s": ts}
+
+
+def case_shap(args):
+    torch, model, bg, X = _torch_setup(args)
+    import shap
+
+    for mod in model.modules():          # shap's backward hooks crash on in-place ReLU/SiLU modules
+        if hasattr(mod, "inplace"):
+            mod.inplace = False
+    e = shap.DeepExplainer(model, bg)
+    med, ts = _timeit(lambda: e.shap_values(X, ranked_outputs=1, check_additivity=False), args.repeats, args.warmup)
+    return {"latency_s": med, "all_s": ts}
+
+
+def case_ours_torch(args):
+    torch, model, bg, X = _torch_setup(args)
+    sys.path.insert(0, ROOT)
+    from deepshap_opt.torch import DeepExplainer
+
+    t0 = time.perf_counter()
+    e = DeepExplainer(model, bg)
+    init = time.perf_counter() - t0
+    med, ts = _timeit(lambda: e.shap_values(X, ranked_outputs=1, check_additivity=False), args.repeats, args.warmup)
+    return {"latency_s": med, "all_s": ts, "init_s": init}
+
+
+def case_onnx(args):
+    import numpy as np
+    import onnxruntime as ort
+
+    blocked = [m for m in ("torch", "tensorflow", "deepshap_opt") if m in sys.modules]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = args.threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    t0 = time.perf_counter()
+    sess = ort.InferenceSession(args.file, so, providers=["CPUExecutionProvider"])
+    init = time.perf_counter() - t0
+    X = np.load(args.data)["x"]
+    med, ts = _timeit(lambda: sess.run(["shap_values", "shap_indexes"], {"input": X}), args.repeats, args.warmup)
+    return {"latency_s": med, "all_s": ts, "init_s": init, "frameworks_loaded": blocked}
+
+
+def run_case(args):
+    fn = {"export": case_export, "floor": case_floor, "shap": case_shap, "ours_torch": case_ours_torch,
+          "onnx": case_onnx}[args.case]
+    res = fn(args)
+    res["peak_rss_mb"] = _peak_mb()
+    print("RESULT " + json.dumps(res))
+
+
+def spawn(case, model, data, file, a) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--model", model, "--data", data,
+           "--file", file, "--threads", str(a.threads), "--repeats", str(a.repeats), "--warmup", str(a.warmup),
+           "--classes", str(a.classes)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONWARNINGS="ignore")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"error": (p.stderr or p.stdout)[-800:]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--m", type=int, default=32)
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--timeout", type=int, default=3600)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--stat", default="min", choices=["min", "median"],
+                    help="which statistic of the repeats the table shows (min: least disturbed by other load)")
+    # internal (one case per subprocess)
+    ap.add_argument("--case")
+    ap.add_argument("--model")
+    ap.add_argument("--data")
+    ap.add_argument("--file")
+    a = ap.parse_args()
+    if a.case:
+        return run_case(a)
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    results = []
+    tmp = tempfile.mkdtemp(prefix="bench_onnx_")
+    data = os.path.join(tmp, "data.npz")
+    np.savez(data, bg=rng.normal(size=(a.m, 3, a.size, a.size)).astype(np.float32),
+             x=rng.normal(size=(a.n, 3, a.size, a.size)).astype(np.float32))
+    methods = a.methods.split(",")
+    print(f"# size {a.size}x{a.size}, N={a.n}, M={a.m}, classes={a.classes}, threads={a.threads}, "
+          f"repeats={a.repeats} ({a.stat} shown), warmup={a.warmup}", flush=True)
+    for model in a.models.split(","):
+        file = os.path.join(tmp, f"{model}.onnx")
+        row = {"model": model}
+        if "onnx" in methods:
+            row["export"] = spawn("export", model, data, file, a)
+            print(model, "export", row["export"], flush=True)
+        for meth in methods:
+            row[meth] = spawn(meth, model, data, file, a)
+            print(model, meth, row[meth], flush=True)
+        results.append(row)
+        if os.path.exists(file):
+            os.remove(file)
+    print()
+    print(table(results, a))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"config": vars(a), "results": results}, f, indent=1)
+
+
+def table(results, a) -> str:
+    def lat(r, k):
+        v = r.get(k, {})
+        if not isinstance(v, dict) or not v.get("all_s"):
+            return None
+        return min(v["all_s"]) if a.stat == "min" else v["latency_s"]
+
+    lines = ["| model | floor (s) | shap torch (s) | ours torch (s) | onnx one-shot (s) | onnx / floor | "
+             "onnx / ours torch | speed-up vs shap | file (MB) | onnx peak RSS (MB) | onnx session init (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v, p=2: "—" if v is None else f"{v:.{p}f}"  # noqa: E731
+    for r in results:
+        fl, sh, ot, on = (lat(r, k) for k in ("floor", "shap", "ours_torch", "onnx"))
+        ratio = lambda u, v: None if (u is None or v is None) else u / v  # noqa: E731
+        lines.append(f"| {r['model']} | {f(fl)} | {f(sh)} | {f(ot)} | {f(on)} | {f(ratio(on, fl))} | "
+                     f"{f(ratio(on, ot))} | {f(ratio(sh, on), 1)}× | {f(r.get('export', {}).get('file_mb'), 1)} | "
+                     f"{f(r.get('onnx', {}).get('peak_rss_mb'), 0)} | {f(r.get('onnx', {}).get('init_s'))} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
