@@ -1,0 +1,64 @@
+"""Property: completeness holds on random networks of supported ops (hypothesis).
+
+``DEEPSHAP_FUZZ_EXAMPLES`` sets the number of examples (CI: 200; ``tox -e fuzz``: 5000). A failing example
+found by the fuzzer is added below as an explicit ``@example`` so that it stays a regression test.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, example, given, settings
+
+from deepshap_opt.torch import DeepExplainer
+
+from .random_nets import TorchCNN, TorchNet, cnn_specs, net_specs
+
+EXAMPLES = int(os.environ.get("DEEPSHAP_FUZZ_EXAMPLES", "200"))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def completeness(spec, dtype):
+    net = TorchNet(spec).to(dtype).eval()
+    g = torch.Generator().manual_seed(spec[3])
+    bg = torch.randn(5, spec[0], generator=g, dtype=dtype)
+    X = torch.randn(3, spec[0], generator=g, dtype=dtype)
+    phi = DeepExplainer(net, bg).shap_values(X, check_additivity=False)
+    with torch.no_grad():
+        fx, fr = net(X).double().numpy(), net(bg).double().numpy()
+    scale = max(np.abs(fx).max(), np.abs(fr).max(), 1e-12)
+    return np.abs(phi.sum(1) - (fx - fr.mean(0))).max() / scale
+
+
+@SETTINGS
+@given(net_specs())
+@example((3, [("softmix", 0, 0, "relu", 2)], 1, 0))
+def test_completeness_float64(spec):
+    assert completeness(spec, torch.float64) <= 1e-8
+
+
+@settings(SETTINGS, max_examples=max(EXAMPLES // 4, 10))
+@given(net_specs())
+def test_completeness_float32(spec):
+    assert completeness(spec, torch.float32) <= 1e-4
+
+
+def cnn_completeness(spec, dtype):
+    net = TorchCNN(spec).to(dtype).eval()
+    g = torch.Generator().manual_seed(spec[3])
+    bg = torch.randn(4, spec[0], 8, 8, generator=g, dtype=dtype)
+    X = torch.randn(2, spec[0], 8, 8, generator=g, dtype=dtype)
+    phi = DeepExplainer(net, bg).shap_values(X, check_additivity=False)
+    with torch.no_grad():
+        fx, fr = net(X).double().numpy(), net(bg).double().numpy()
+    scale = max(np.abs(fx).max(), np.abs(fr).max(), 1e-12)
+    return np.abs(phi.reshape(2, -1, phi.shape[-1]).sum(1) - (fx - fr.mean(0))).max() / scale
+
+
+@settings(SETTINGS, max_examples=max(EXAMPLES // 4, 10))
+@given(cnn_specs())
+def test_cnn_completeness_float64(spec):
+    assert cnn_completeness(spec, torch.float64) <= 1e-8
