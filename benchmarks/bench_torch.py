@@ -67,11 +67,9 @@ def _build(model_name: str, hook_safe: bool, n: int, m: int, size: int, seed: in
            calibrate_bn: bool, cache_dir: str | None, models_module: str):
     """Model, explicands, references, f(X) and mean f(bg). Weights come from ``seed``; BatchNorm statistics,
     f(X) and E f are cached on disk (they cost forwards that would otherwise be repeated in every case)."""
-    import importlib
-
     import torch
 
-    zoo = importlib.import_module(models_module)
+    zoo = harness.import_module_or_file(models_module)
     torch.manual_seed(seed)
     model = zoo.MODELS[model_name](num_classes=num_classes, hook_safe=hook_safe)
     gen = torch.Generator().manual_seed(seed)
@@ -291,7 +289,9 @@ def ours_available() -> str | None:
 
 
 def main(argv=None) -> int:
-    from benchmarks.torch_models import MODELS
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--models-module", default="benchmarks.torch_models")
+    MODELS = harness.import_module_or_file(pre.parse_known_args(argv)[0].models_module).MODELS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -318,11 +318,15 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", nargs="*", default=[], metavar="METHOD/MODE/MODEL",
                     help="fnmatch patterns of cases not to run, e.g. 'shap*/all/vgg19' (reported as skipped)")
     ap.add_argument("--cache-dir", default=os.path.join("/tmp", f"deepshap_bench_cache_{os.getuid()}"))
-    ap.add_argument("--models-module", default="benchmarks.torch_models", help=argparse.SUPPRESS)
+    ap.add_argument("--models-module", default="benchmarks.torch_models",
+                    help="module or .py file with MODELS {name: factory(num_classes, hook_safe)} and "
+                    "calibrate_batchnorm(model, data) (default: benchmarks.torch_models)")
     ap.add_argument("--out", default=None, help="write records (JSON) here, after every case")
     ap.add_argument("--resume", action="store_true", help="keep the cases already in --out, run the rest")
     args = ap.parse_args(argv)
 
+    if args.models_module.endswith(".py"):
+        args.models_module = str(Path(args.models_module).resolve())
     methods = list(dict.fromkeys(args.methods))
     records: list[dict] = []
     if args.resume and args.out and os.path.exists(args.out):
@@ -333,13 +337,13 @@ def main(argv=None) -> int:
             "case_budget_s": args.case_budget_s, "mem_limit_mb": args.mem_limit_mb,
             "bn_calibration": not args.no_bn_calibration, "python": sys.version.split()[0],
             "platform": platform.platform(), "cpus": os.cpu_count(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    try:
-        import captum
-        import shap
-        import torch
-        meta.update(torch=torch.__version__, shap=shap.__version__, captum=captum.__version__)
-    except ImportError as exc:  # versions are informative only
-        meta["versions_error"] = str(exc)
+    from importlib import metadata
+
+    for dist in ("torch", "shap", "captum", "numpy"):
+        try:
+            meta[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            meta[dist] = None
 
     ours_err = ours_available() if "ours" in methods else None
     if ours_err:

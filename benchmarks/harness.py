@@ -130,13 +130,30 @@ def completeness_error(phi_sums: np.ndarray, outputs: np.ndarray, expected: np.n
     return {"abs_err": abs_err, "scale": scale, "rel_err": abs_err / scale}
 
 
+def import_module_or_file(name: str):
+    """``importlib.import_module(name)``, or, for a name ending in ``.py``, the module loaded from that file."""
+    import importlib
+    import importlib.util
+
+    if not name.endswith(".py"):
+        return importlib.import_module(name)
+    path = Path(name).resolve()
+    mod_name = "_bench_" + path.stem
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def _child_main(target: str, kwargs_json: str) -> None:
     sys.path.insert(0, str(ROOT))
     status, payload = "ok", None
     try:
-        module_name, func_name = target.split(":")
-        module = __import__(module_name, fromlist=[func_name])
-        payload = getattr(module, func_name)(**json.loads(kwargs_json))
+        module_name, func_name = target.rsplit(":", 1)
+        payload = getattr(import_module_or_file(module_name), func_name)(**json.loads(kwargs_json))
     except BaseException as exc:  # noqa: BLE001 -- report everything, including MemoryError
         text = f"{type(exc).__name__}: {exc}"
         status = "OOM" if any(s in text.lower() for s in _OOM_TEXT) else "error"
@@ -180,6 +197,8 @@ def run_isolated(target: str, kwargs: dict[str, Any], *, timeout_s: float | None
                  mem_limit_mb: float | None = None, threads: int | None = None,
                  base: dict[str, Any] | None = None, log: Callable[[str], None] | None = None) -> list[dict]:
     """Run ``target(**kwargs)`` in a fresh subprocess; always returns a list of records.
+
+    ``target`` is ``"package.module:function"`` or ``"path/to/file.py:function"``.
 
     ``base`` is merged into every record (use it for the case's identity: model, method, mode, ...).
     ``threads`` sets OMP/MKL thread counts in the child's environment (the runner should also call the
