@@ -9,7 +9,9 @@ The models are the paper's four (ResNet50, VGG19, DenseNet201, EfficientNetB0) f
 ``benchmarks/torch_models.py`` with random weights; ``--models tiny`` is a small CNN for a smoke test.
 MFABA runs with ``early_stop=False`` so that it takes exactly ``--steps`` steps (with random weights the
 boundary is reached after an arbitrary number of steps, which would make throughput meaningless); the
-``mfaba_sharp_es`` method runs with early stopping and reports the mean path length.
+``mfaba_sharp_es`` method runs with early stopping and reports the mean path length (it also returns the
+path, to read the lengths, so its memory is not the plain call's). ``refstyle`` mimics the cost structure
+of the reference code (LMBTough/MFABA): stored path, an extra forward and a host sync per step.
 IntegratedGradients gets ``internal_batch_size = batch`` (captum's default evaluates all 50 x batch
 scaled images in one pass, which needs ~50x the memory), so every method sees the same batch per pass.
 
@@ -31,7 +33,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("mfaba_sharp", "mfaba_smooth", "mfaba_sharp_es", "ig", "saliency")
+METHODS = ("mfaba_sharp", "mfaba_smooth", "mfaba_sharp_es", "refstyle", "ig", "saliency")
 
 
 def tiny_cnn(num_classes: int = 10):
@@ -51,6 +53,32 @@ def build_model(name: str, num_classes: int):
     except ImportError as e:  # pragma: no cover - the models file is part of the repository
         raise SystemExit(f"benchmarks/torch_models.py is needed for model {name!r}: {e}")
     return MODELS[name](num_classes=num_classes)
+
+
+def reference_style_mfaba(model, x, target, steps: int, alpha: float = 0.001):
+    """The reference code's cost structure, for comparison (sharp variant, gradients made correct).
+
+    Like LMBTough/MFABA it keeps every path point and gradient until the end, runs one more forward pass
+    per step for the early-stop test and brings its result to the host (a GPU sync per step). Unlike it,
+    the gradient is fresh at every step, and no sample is removed (so that it takes ``steps`` steps, as
+    ``early_stop=False`` does in ours, and the two do the same arithmetic).
+    """
+    import torch
+
+    points, grads, xt = [x], [], x
+    for _ in range(steps):
+        xg = xt.detach().requires_grad_(True)
+        f = torch.softmax(model(xg), 1).gather(1, target[:, None]).sum()
+        (g,) = torch.autograd.grad(f, xg)
+        norm = g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        xt = torch.clamp(xt - 100 * alpha * g / norm, 0, 1).detach()
+        points.append(xt)
+        grads.append(g)
+        with torch.no_grad():
+            flipped = (model(xt).argmax(1) != target).cpu().numpy()  # the early-stop test, unused here
+        del flipped
+    p, g = torch.stack(points), torch.stack(grads)
+    return -((p[1:] - p[:-1]) * g).sum(0)
 
 
 def run_case(a) -> dict:
@@ -77,6 +105,9 @@ def run_case(a) -> dict:
 
         def fn():
             return mf.attribute(x, target, return_path=a.method.endswith("_es"))
+    elif a.method == "refstyle":
+        def fn():
+            return reference_style_mfaba(model, x, target, steps)
     elif a.method == "ig":
         from captum.attr import IntegratedGradients
 
@@ -156,12 +187,14 @@ def table(rows, cuda: bool) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="resnet50,vgg19,densenet201,efficientnet_b0")
-    p.add_argument("--methods", default="mfaba_sharp,mfaba_smooth,mfaba_sharp_es,ig,saliency")
+    p.add_argument("--methods", default="mfaba_sharp,mfaba_smooth,mfaba_sharp_es,refstyle,ig,saliency")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--memory-steps", default="10,100",
                    help="steps at which MFABA's peak memory is compared (must be flat); empty to skip")
+    p.add_argument("--memory-methods", default="mfaba_sharp,refstyle",
+                   help="methods whose memory is compared at --memory-steps")
     p.add_argument("--device", default=None)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--num-classes", type=int, default=1000)
@@ -183,9 +216,10 @@ def main(argv=None):
         for method in a.methods.split(","):
             rows.append(spawn(a, model, method, a.steps))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-        for s in [int(v) for v in a.memory_steps.split(",") if v]:
-            rows.append(spawn(a, model, "mfaba_sharp", s))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        for method in [m for m in a.memory_methods.split(",") if m]:
+            for s in [int(v) for v in a.memory_steps.split(",") if v]:
+                rows.append(spawn(a, model, method, s))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(f"\nbatch {a.batch}, {a.size}x{a.size}, device {a.device}, best of {a.repeats} runs\n")
     print(table(rows, a.device.startswith("cuda")))
     if a.json:

@@ -275,3 +275,25 @@ def test_cuda_matches_cpu():
     gpu = mf.attribute(x.cuda())
     model.cpu()
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("early_stop", [False, True])
+def test_cuda_no_per_step_host_sync(early_stop):
+    # torch warns on every synchronising call; their number must not grow with the number of steps
+    import warnings
+
+    model, x = small_cnn().cuda(), images().cuda()
+    target = model(x).argmax(1)
+    counts = []
+    for steps in (5, 40):
+        mf = MFABA(model, steps=steps, alpha=1e-5, early_stop=early_stop)  # tiny steps: nobody stops early
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                mf.attribute(x, target)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(m.message) for m in w))
+    assert counts[0] == counts[1], counts
