@@ -313,8 +313,9 @@ def markdown_table(records: Iterable[dict], *, group_keys: Sequence[str] = ("mod
     * ``× floor`` = the method's median latency / the floor's (record with method ``floor``);
     * ``ours ×faster`` = the method's latency / ours' latency (on every non-ours row: how much faster ours
       is than shap, captum, ...; below 1 means ours is slower).
-    ``CPU s`` is the median CPU time (user + system, all threads) of the measured calls; ``construct s`` is
-    reported separately and is not part of the latency.
+    ``CPU s`` is the median CPU time (user + system, all threads) of the measured calls; the two ``(CPU)``
+    columns are the same ratios on CPU time, which other processes sharing the machine distort less.
+    ``construct s`` is reported separately and is not part of the latency.
     """
     records = list(records)
     order = list(method_order or [])
@@ -327,24 +328,30 @@ def markdown_table(records: Iterable[dict], *, group_keys: Sequence[str] = ("mod
         groups.setdefault(tuple(rec.get(k) for k in group_keys), []).append(rec)
 
     head = [*group_keys, "method", "status", "latency s (median)", "n", "CPU s", "construct s", "× floor",
-            "ours ×faster", "peak extra MiB", "completeness rel. err"]
+            "ours ×faster", "× floor (CPU)", "ours ×faster (CPU)", "peak extra MiB", "completeness rel. err"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for key, recs in groups.items():
         by_method = {r.get("method"): r for r in recs}
         f_rec, o_rec = by_method.get(floor), by_method.get(ours)
         f_lat = f_rec.get("median_s") if f_rec and f_rec.get("status") == "ok" else None
         o_lat = o_rec.get("median_s") if o_rec and o_rec.get("status") == "ok" else None
+        f_cpu = f_rec.get("median_cpu_s") if f_rec and f_rec.get("status") == "ok" else None
+        o_cpu = o_rec.get("median_cpu_s") if o_rec and o_rec.get("status") == "ok" else None
         for rec in sorted(recs, key=lambda r: method_rank(str(r.get("method")))):
             ok = rec.get("status") == "ok"
             lat = rec.get("median_s") if ok else None
             x_floor = lat / f_lat if (lat is not None and f_lat and rec is not f_rec) else None
             x_ours = lat / o_lat if (lat is not None and o_lat and rec is not o_rec) else None
+            cpu = rec.get("median_cpu_s") if ok else None
+            c_floor = cpu / f_cpu if (cpu is not None and f_cpu and rec is not f_rec) else None
+            c_ours = cpu / o_cpu if (cpu is not None and o_cpu and rec is not o_rec) else None
             rel = rec.get("rel_err") if ok else None
             extra = rec.get("rss_extra_mb") if ok else None
             row = [*(str(k) for k in key), str(rec.get("method")), _status_text(rec), _fmt_s(lat),
                    str(rec.get("n_measured", len(rec.get("times_s", [])))) if ok else "",
                    _fmt_s(rec.get("median_cpu_s")) if ok else "", _fmt_s(rec.get("construct_s")),
-                   _fmt_ratio(x_floor), _fmt_ratio(x_ours), f"{extra:.0f}" if extra is not None else "",
+                   _fmt_ratio(x_floor), _fmt_ratio(x_ours), _fmt_ratio(c_floor), _fmt_ratio(c_ours),
+                   f"{extra:.0f}" if extra is not None else "",
                    f"{rel:.1e}" if rel is not None else ("n/a" if ok else "")]
             lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

@@ -59,6 +59,7 @@ def test_markdown_table_ratios():
     assert len(table) == 2 + 4
     ours, shap, captum, floor = table[2:]
     assert "| ours | ok | 2 |" in ours and "2.00×" in ours and "1.0e-07" in ours
+    assert ours.count("|") == table[0].count("|")
     assert "10.0×" in shap and "5.00×" in shap
     assert "**error**: RuntimeError: x \\| y" in captum
     assert "0.50×" in floor
