@@ -21,8 +21,9 @@ This implementation differs from the reference code (LMBTough/MFABA) where that 
 * the early-stop test reads the prediction from the forward pass the next step makes anyway (the
   reference runs one more forward per step for it);
 * finished samples are masked, not re-indexed: no per-sample Python loop, and on a GPU no per-step
-  host synchronisation (the host looks at a "batch finished" flag two steps late, so the GPU's queue never
-  drains; the at most two extra steps change nothing, since finished samples are frozen).
+  host synchronisation (the host reads a "batch finished" flag of steps the GPU has completed, without
+  blocking, so the GPU's queue never drains; the few extra steps this may cost change nothing, since
+  finished samples are frozen).
 """
 
 from __future__ import annotations
@@ -290,7 +291,7 @@ class MFABA:
             xt = x_next
         path = None
         if return_path:
-            # on CUDA the loop can end up to two steps after every sample stopped; those rows add nothing
+            # on CUDA the loop can end a few steps after every sample stopped; those rows add nothing
             last = int(lengths.max())
             path = MFABAPath(torch.stack(points[:last + 1]), torch.stack(grads[:last]) if last
                              else x.new_zeros((0,) + x.shape), lengths)
@@ -298,14 +299,15 @@ class MFABA:
 
 
 class _DoneWatch:
-    """Tells the loop when every sample has stopped, without stalling a GPU at every step.
+    """Tells the loop when every sample has stopped, without making the host wait for the GPU each step.
 
-    On CPU the flag is read at once. On CUDA each step's flag is copied to pinned host memory behind an
-    event, and the host reads the flag of two steps back (waiting for it if needed): the steps after it are
-    already queued, so the GPU never runs dry, and the loop ends at most two steps late.
+    On CPU the flag is read at once. On CUDA each step's "all stopped" flag is copied to pinned host memory
+    behind an event; the host reads the flags of steps the GPU has already finished (``Event.query`` does
+    not block) and waits only to keep at most ``MAX_AHEAD`` steps queued, so the GPU's queue never drains.
+    The loop ends a few steps late at worst; finished samples are frozen, so those steps change nothing.
     """
 
-    LAG = 2
+    MAX_AHEAD = 4
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -321,10 +323,11 @@ class _DoneWatch:
         event = torch.cuda.Event()
         event.record()
         self.pending.append((flag, event))
-        if len(self.pending) > self.LAG:
+        while self.pending and (len(self.pending) > self.MAX_AHEAD or self.pending[0][1].query()):
             flag, event = self.pending.pop(0)
-            event.synchronize()
-            self._done = bool(flag.item())
+            event.synchronize()  # returns at once after a successful query
+            # `active` only ever loses samples: once a step's flag says "all stopped", it stays so
+            self._done = self._done or bool(flag.item())
 
     def done(self) -> bool:
         return self._done
