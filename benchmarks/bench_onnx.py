@@ -28,7 +28,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-MODELS = ["resnet50", "vgg19", "densenet201", "efficientnet_b0"]
+MODELS = ["efficientnet_b0", "resnet50", "densenet201", "vgg19"]
 METHODS = ["floor", "shap", "ours_torch", "onnx"]
 
 
@@ -47,7 +47,7 @@ def _timeit(fn, repeats: int, warmup: int):
     return statistics.median(ts), ts
 
 
-def _torch_setup(args):
+def _torch_setup(args, hook_safe: bool = False):
     import numpy as np
     import torch
 
@@ -56,7 +56,10 @@ def _torch_setup(args):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = TM[args.model](num_classes=args.classes).eval()
+    try:
+        model = TM[args.model](num_classes=args.classes, hook_safe=hook_safe).eval()
+    except TypeError:
+        model = TM[args.model](num_classes=args.classes).eval()
     data = np.load(args.data)
     return torch, model, torch.from_numpy(data["bg"]), torch.from_numpy(data["x"])
 
@@ -73,6 +76,7 @@ def case_export(args):
 
 def case_floor(args):
     torch, model, bg, X = _torch_setup(args)
+    model.requires_grad_(False)
     N, M = X.shape[0], bg.shape[0]
     rows = X.repeat_interleave(M, 0)
 
@@ -99,12 +103,11 @@ def case_floor(args):
 
 
 def case_shap(args):
-    torch, model, bg, X = _torch_setup(args)
+    # shap's hooks crash on the torchvision code paths (in-place ops, ResNet's reused ReLU): same weights,
+    # hook-safe module structure (torch_models' hook_safe=True)
+    torch, model, bg, X = _torch_setup(args, hook_safe=True)
     import shap
 
-    for mod in model.modules():          # shap's backward hooks crash on in-place ReLU/SiLU modules
-        if hasattr(mod, "inplace"):
-            mod.inplace = False
     e = shap.DeepExplainer(model, bg)
     med, ts = _timeit(lambda: e.shap_values(X, ranked_outputs=1, check_additivity=False), args.repeats, args.warmup)
     return {"latency_s": med, "all_s": ts}

@@ -570,6 +570,8 @@ class ExplanationBuilder:
             return {x: self.maxpool_rule(i, node, G)}
         if op == "GlobalMaxPool":
             return {x: self.global_maxpool_rule(node, G)}
+        if op in ("ReduceMax", "ReduceMin"):
+            return {x: self.reduce_max_rule(node, G)}
         if op == "AveragePool":
             return {x: self.avgpool_rule(node, G)}
         if op == "GlobalAveragePool":
@@ -977,23 +979,53 @@ class ExplanationBuilder:
         return b.where(small, self.fc(0.0, x), b.div(routed4, b.where(small, self.fc(1.0, x), d)))
 
     def global_maxpool_rule(self, node, G):
+        r = len(self.plan.rest[node.input[0]]) + 1
+        return self._reduce_extreme(node, G, list(range(2, r)), True, is_min=False)
+
+    def reduce_max_rule(self, node, G):
+        p = self.plan
+        x = node.input[0]
+        A = _attrs(node)
+        r = len(p.rest[x]) + 1
+        if len(node.input) > 1 and node.input[1]:
+            axes = [int(a) for a in p.const(node.input[1]).reshape(-1)]
+        else:
+            axes = list(A.get("axes", []))
+        if not axes:
+            if A.get("noop_with_empty_axes", 0):
+                return G
+            axes = list(range(r))
+        axes = sorted(set(a % r for a in axes))
+        if 0 in axes:
+            raise UnsupportedOperatorError(node.op_type, _where(node), "a reduction over the batch axis")
+        return self._reduce_extreme(node, G, axes, bool(A.get("keepdims", 1)), is_min=node.op_type == "ReduceMin")
+
+    def _reduce_extreme(self, node, G, axes, keepdims, is_min):
+        """Max-pool rule (spec.MaxPool) for a max/min over ``axes`` (full-tensor axes, batch excluded)."""
         p, b = self.plan, self.b
         x, y = node.input[0], node.output[0]
         rest_in = p.rest[x]
-        C, hw = rest_in[0], int(np.prod(rest_in[1:]))
-        dt = helper.np_dtype_to_tensor_dtype(p.dtype[x])
+        r = len(rest_in) + 1
+        kept = [a for a in range(1, r) if a not in axes]
+        perm = [0] + kept + list(axes)                                  # reduced axes last
+        kshape = [rest_in[a - 1] for a in kept]
+        rshape = [rest_in[a - 1] for a in axes]
+        R = int(np.prod(rshape))
         onv = b.const(np.array([0, 1], p.dtype[x]))
-        mx = b.op("OneHot", [b.op("ArgMax", [b.reshape(x, [-1, 1, 1, C, hw])], axis=4, keepdims=0), b.i64(hw),
-                             onv], axis=-1)
-        mr = b.op("OneHot", [b.op("ArgMax", [b.reshape(self.R4(x), [1, 1, self.M, C, hw])], axis=4, keepdims=0),
-                             b.i64(hw), onv], axis=-1)
-        del dt
-        yx4 = b.reshape(y, [-1, 1, 1, C, 1])
-        yr4 = b.reshape(self.R4(y), [1, 1, self.M, C, 1])
-        cmax = b.op("Max", [yx4, yr4])
-        G4 = b.reshape(G, b.op("Concat", [self.Nt, b.i64([-1, self.M, C, 1])], axis=0))
-        routed = b.add(b.mul(b.mul(G4, b.sub(cmax, yr4)), mx), b.mul(b.mul(G4, b.sub(yx4, cmax)), mr))
-        routed = b.op("Reshape", [routed, b.op("Concat", [self.Nt, b.i64([-1, self.M, *rest_in])], axis=0)])
+        arg = "ArgMin" if is_min else "ArgMax"
+        xt = b.reshape(b.transpose(x, perm), [-1, 1, 1, *kshape, R])
+        rt = b.reshape(b.transpose(b.reshape(self.R4(x), [self.M, *rest_in]), perm), [1, 1, self.M, *kshape, R])
+        last = 3 + len(kshape)
+        mx = b.op("OneHot", [b.op(arg, [xt], axis=last, keepdims=0), b.i64(R), onv], axis=-1)
+        mr = b.op("OneHot", [b.op(arg, [rt], axis=last, keepdims=0), b.i64(R), onv], axis=-1)
+        yx4 = b.reshape(y, [-1, 1, 1, *kshape, 1])
+        yr4 = b.reshape(self.R4(y), [1, 1, self.M, *kshape, 1])
+        c = b.op("Min" if is_min else "Max", [yx4, yr4])
+        G4 = b.reshape(G, b.op("Concat", [self.Nt, b.i64([-1, self.M, *kshape, 1])], axis=0))
+        routed = b.add(b.mul(b.mul(G4, b.sub(c, yr4)), mx), b.mul(b.mul(G4, b.sub(yx4, c)), mr))
+        routed = b.reshape(routed, b.op("Concat", [self.Nt, b.i64([-1, self.M, *kshape, *rshape])], axis=0))
+        order = perm[1:]                                                # rest axes in routed's order
+        routed = b.transpose(routed, [0, 1, 2] + [3 + order.index(j) for j in range(1, r)])   # (N,S,M,*rest)
         return self.flat(self._divide_delta(routed, x, spec.MAXPOOL_EPS), rest_in)
 
     def avgpool_rule(self, node, G):

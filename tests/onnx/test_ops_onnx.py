@@ -205,3 +205,17 @@ def test_shape_driven_subgraph_is_not_differentiated():
     inits = [("zero", np.array(0, np.int64)), ("zax", np.array([0], np.int64)), ("minus1", np.array([-1], np.int64)),
              ("W", w)]
     _complete(model_of(nodes, [4, 5, 5], inits), _img(4), _img(2, seed=1))
+
+
+def test_reduce_max_min():
+    nodes = [helper.make_node("ReduceMax", ["x", "a2"], ["m1"], keepdims=0),          # (N, 4, 5)
+             helper.make_node("ReduceMin", ["x", "a13"], ["m2"], keepdims=1),         # (N, 1, 5, 1)
+             helper.make_node("Flatten", ["m1"], ["f1"], axis=1),
+             helper.make_node("Flatten", ["m2"], ["f2"], axis=1),
+             helper.make_node("Concat", ["f1", "f2"], ["f"], axis=1)]
+    nodes, w = _head(nodes, 25)
+    inits = [("a2", np.array([2], np.int64)), ("a13", np.array([1, 3], np.int64)), ("W", w)]
+    X = _img(3, seed=1)
+    X[0] = _img(5)[0]
+    proto, _ = _complete(model_of(nodes, [4, 5, 5], inits), _img(5), X)
+    assert {"ReduceMax", "ReduceMin"} <= {n.op_type for n in proto.graph.node}
