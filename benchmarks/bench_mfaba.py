@@ -213,7 +213,7 @@ def main(argv=None):
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for model in a.models.split(","):
-        for method in a.methods.split(","):
+        for method in [m for m in a.methods.split(",") if m]:
             rows.append(spawn(a, model, method, a.steps))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
         for method in [m for m in a.memory_methods.split(",") if m]:
