@@ -40,6 +40,9 @@ _ELEMENTWISE = {
     "Log": "log", "Sqrt": "sqrt", "Reciprocal": "reciprocal", "Abs": "abs", "Clip": "clip",
     "ThresholdedRelu": "thresholded_relu", "Sin": "sin", "Cos": "cos",
 }
+_MERGED_OK = {"Reshape", "MatMul", "Add", "Sub", "Mul", "Div", "Identity", "Cast", "Neg", "Dropout",
+              "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softplus",
+              "Softsign", "Erf", "Gelu", "Mish", "Exp", "Log", "Sqrt", "Reciprocal", "Abs", "Clip", "Pow"}
 _PASS = {"Identity", "Dropout", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 _ELEM_TO_NP = {TensorProto.FLOAT: np.float32, TensorProto.DOUBLE: np.float64, TensorProto.FLOAT16: np.float16}
 
@@ -147,6 +150,7 @@ class _Plan:
         self.dtype: dict[str, np.dtype] = {}
         self.batched: dict[str, bool] = {}
         self.values: dict[str, np.ndarray] = {}
+        self.merged: set[str] = set()
         for name, a in v1.items():
             b = v2[name]
             a, b = np.asarray(a), np.asarray(b)
@@ -154,6 +158,13 @@ class _Plan:
             self.batched[name] = (a.ndim >= 1 and b.ndim == a.ndim and a.shape[0] == 1 and b.shape[0] == 2
                                   and a.shape[1:] == b.shape[1:])
             self.rest[name] = tuple(a.shape[1:]) if self.batched[name] else tuple(a.shape)
+            # batch merged into axis 0 (e.g. tf2onnx's Dense on sequences: (N, T, F) -> (N*T, F)): seen as
+            # (N, T, F) by the backward pass, which only lets it through an allow-list of ops
+            if (not self.batched[name] and a.ndim >= 1 and b.ndim == a.ndim and a.shape[0] > 1
+                    and b.shape[0] == 2 * a.shape[0] and a.shape[1:] == b.shape[1:]):
+                self.merged.add(name)
+                self.batched[name] = True
+                self.rest[name] = (a.shape[0],) + tuple(a.shape[1:])
             if name not in dep:
                 self.values[name] = a
 
@@ -273,7 +284,7 @@ class ExplanationBuilder:
     # ------------------------------------------------------------------ layout helpers
     def X4(self, t: str) -> str:
         if t not in self._x4:
-            self._x4[t] = self.b.unsqueeze(t, [1, 2])
+            self._x4[t] = self.b.reshape(t, [-1, 1, 1, *self.plan.rest[t]])
         return self._x4[t]
 
     def R4(self, t: str) -> str:
@@ -360,6 +371,10 @@ class ExplanationBuilder:
                 if o in p.var and not p.batched.get(o, False):
                     raise UnsupportedOperatorError(node.op_type, _where(node),
                                                    f"its output {o!r} does not keep the batch on axis 0")
+            if any(t in p.merged for t in list(node.input) + list(node.output)) and not (
+                    node.op_type in _MERGED_OK or (node.op_type == "Gemm" and node.input[0] not in p.merged)):
+                raise UnsupportedOperatorError(node.op_type, _where(node), "the batch axis is merged into another "
+                                               "axis here; only reshapes, MatMul and element-wise ops can handle that")
             res = self.vjp(i, node, gouts)
             for t, g in res.items():
                 if g is not None and t in p.var:
@@ -412,7 +427,8 @@ class ExplanationBuilder:
             vals.update({t: bgmap[t] for t in self._r4 if t in p.inputs})
             for t, ph in self._r4.items():
                 v = np.asarray(vals[t])
-                ref_inits.append(numpy_helper.from_array(np.ascontiguousarray(v[None, None]), ph))
+                v = v.reshape((1, 1, self.M) + tuple(p.rest[t])) if p.batched.get(t) else v[None, None]
+                ref_inits.append(numpy_helper.from_array(np.ascontiguousarray(v), ph))
         else:
             rb = Builder(self.opset, prefix="dsr", taken=b._taken)
             ren = {}
@@ -433,7 +449,7 @@ class ExplanationBuilder:
                         new.output[j] = ren[t]
                 rb.nodes.append(new)
             for t, ph in self._r4.items():
-                rb.node("Unsqueeze", [ren[t], rb.i64([0, 1])], [ph])
+                rb.node("Reshape", [ren[t], rb.i64([1, 1, self.M, *p.rest[t]])], [ph])
             ref_nodes, ref_inits = rb.nodes, rb.inits
         # the forward graph, with MaxPool Indices outputs where the backward needs them
         fwd = []
