@@ -19,7 +19,10 @@ normal distribution, each (method, model, outputs) case runs in its own subproce
              are timed, not the forward that builds the graph. The N*M rows are processed in chunks of
              ``--floor-chunk`` rows (default M: one explicand's rows per graph, so that the graph fits in
              memory on every model); the backward time is the sum over chunks of the median per chunk.
-             Parameters are frozen (``requires_grad_(False)``) for the floor.
+             Parameters are frozen (``requires_grad_(False)``) for the floor. Two cost savers, off by
+             default and recorded in every floor record: ``--floor-sample S`` times only the first S
+             chunks and scales their backward time to all N*M rows (all chunks have the same shapes);
+             ``--floor-all scale`` takes K x the measured top-1 backward instead of timing K backwards.
 ``shap[hook-safe]``, ``captum[hook-safe]``
              the same calls on the model built with ``hook_safe=True``: same weights and outputs, but no
              in-place ops and no module called twice. shap and captum crash on the torchvision code paths
@@ -112,6 +115,7 @@ def _sums(values, n: int):
 def run_case(model: str, method: str, mode: str, n: int = 4, m: int = 32, size: int = 224, seed: int = 0,
              num_classes: int = 10, repeats: int = 3, threads: int = 2, long_s: float = 60.0,
              budget_s: float | None = 600.0, calibrate_bn: bool = True, floor_chunk: int | None = None,
+             floor_sample: int | None = None, floor_all: str = "measure",
              cache_dir: str | None = None, models_module: str = "benchmarks.torch_models") -> list[dict]:
     """One case, in the child process. ``mode`` is ``top1``, ``all`` or (floor only) ``both``."""
     import numpy as np
@@ -194,35 +198,44 @@ def run_case(model: str, method: str, mode: str, n: int = 4, m: int = 32, size: 
         return [guarded({**base, "mode": mode}, body)]
 
     if lib == "floor":
-        return _floor(net, X, m, K, top, mode, floor_chunk or m, timing, base, guarded)
+        return _floor(net, X, m, K, top, mode, floor_chunk or m, timing, base, guarded, floor_sample, floor_all)
 
     raise ValueError(f"unknown method {method!r}")
 
 
-def _floor(net, X, m, K, top, mode, chunk, timing, base, guarded) -> list[dict]:
+def _floor(net, X, m, K, top, mode, chunk, timing, base, guarded, sample=None, all_mode="measure") -> list[dict]:
+    """The floor (see module docstring). ``sample``: measure only this many chunks (the first ones) and scale
+    their mean backward time to all N*M rows (every chunk has the same shapes, so the same work).
+    ``all_mode``: ``"measure"`` times the K backwards per chunk; ``"scale"`` takes K x the measured top-1
+    backward (the K backwards run the same graph with the same shapes; only the seed differs)."""
     import torch
 
     net.requires_grad_(False)
     n = X.shape[0]
     modes = ["top1", "all"] if mode == "both" else [mode]
-    recs = {md: {**base, "mode": md, "floor_chunk": chunk} for md in modes}
+    timed_modes = modes if all_mode == "measure" else ["top1"]
+    starts = list(range(0, n * m, chunk))
+    sampled = starts[: sample] if sample else starts
+    recs = {md: {**base, "mode": md, "floor_chunk": chunk, "floor_chunks_measured": len(sampled),
+                 "floor_chunks_total": len(starts), "floor_all": all_mode if md == "all" else None}
+            for md in modes}
 
     def body(_):
         fwd = harness.measure(lambda: _no_grad(net, X), **timing)
         rows = X.repeat_interleave(m, dim=0)               # (N*M, ...) row r belongs to explicand r // M
         owner = torch.arange(n * m) // m
         top_t = torch.as_tensor(top)
-        per_chunk = {md: [] for md in modes}
-        per_chunk_cpu = {md: [] for md in modes}
-        counts = {md: [] for md in modes}
+        per_chunk = {md: [] for md in timed_modes}
+        per_chunk_cpu = {md: [] for md in timed_modes}
+        counts = {md: [] for md in timed_modes}
 
         def grads(y, xc, seeds):
             return [torch.autograd.grad(y, xc, s, retain_graph=True) for s in seeds]
 
-        for a in range(0, n * m, chunk):
+        for a in sampled:
             xc = rows[a:a + chunk].clone().requires_grad_(True)
             y = net(xc)
-            for md in modes:
+            for md in timed_modes:
                 if md == "top1":
                     seed = torch.zeros_like(y)
                     seed[torch.arange(y.shape[0]), top_t[owner[a:a + chunk]]] = 1.0
@@ -233,16 +246,19 @@ def _floor(net, X, m, K, top, mode, chunk, timing, base, guarded) -> list[dict]:
                         s[:, k] = 1.0
                 # warm up once, on the first chunk only
                 meas = harness.measure(lambda y=y, xc=xc, seeds=seeds: grads(y, xc, seeds),
-                                       **{**timing, "warmup": 1 if a == 0 and md == modes[0] else 0})
+                                       **{**timing, "warmup": 1 if a == 0 and md == timed_modes[0] else 0})
                 per_chunk[md].append(meas["median_s"])
                 per_chunk_cpu[md].append(meas["median_cpu_s"])
                 counts[md].append(len(meas["times_s"]))
             del y, xc
+        scale = len(starts) / len(sampled)
         for md in modes:
-            bwd = sum(per_chunk[md])
+            src, factor = (md, 1) if md in timed_modes else ("top1", K)
+            bwd = sum(per_chunk[src]) * scale * factor
+            bwd_cpu = sum(per_chunk_cpu[src]) * scale * factor
             recs[md].update(median_s=fwd["median_s"] + bwd, forward_s=fwd["median_s"], backward_s=bwd,
-                            median_cpu_s=fwd["median_cpu_s"] + sum(per_chunk_cpu[md]),
-                            times_s=[], n_measured=min(counts[md]), chunk_backward_s=per_chunk[md])
+                            median_cpu_s=fwd["median_cpu_s"] + bwd_cpu, times_s=[], n_measured=min(counts[src]),
+                            chunk_backward_s=per_chunk[src])
 
     out = guarded(recs[modes[0]], body)
     if out is not None and out.get("status") not in (None, "ok"):  # body returns None on success
@@ -313,6 +329,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--floor-chunk", type=int, default=None, help="rows per floor graph (default: M)")
+    ap.add_argument("--floor-sample", type=int, default=None,
+                    help="measure the floor backward on only this many chunks and scale to all N*M rows")
+    ap.add_argument("--floor-all", choices=("measure", "scale"), default="measure",
+                    help="all-outputs floor: time the K backwards, or K x the measured top-1 backward")
     ap.add_argument("--no-bn-calibration", action="store_true",
                     help="keep torchvision's initial BatchNorm statistics (EfficientNet-B0's outputs are then ~1e-13)")
     ap.add_argument("--skip", nargs="*", default=[], metavar="METHOD/MODE/MODEL",
@@ -368,7 +388,8 @@ def main(argv=None) -> int:
                       "m": args.m, "size": args.size, "seed": args.seed, "num_classes": args.num_classes,
                       "repeats": args.repeats, "threads": args.threads, "long_s": args.long_s,
                       "budget_s": args.case_budget_s, "calibrate_bn": not args.no_bn_calibration,
-                      "floor_chunk": args.floor_chunk, "cache_dir": args.cache_dir,
+                      "floor_chunk": args.floor_chunk, "floor_sample": args.floor_sample,
+                      "floor_all": args.floor_all, "cache_dir": args.cache_dir,
                       "models_module": args.models_module}
             new = harness.run_isolated(RUNNER, kwargs, timeout_s=args.timeout_s, mem_limit_mb=args.mem_limit_mb,
                                        threads=args.threads, base=base, log=log)
