@@ -76,7 +76,7 @@ class MFABA:
         self.data_max = data_max
         self.use_softmax = bool(use_softmax)
         self.early_stop = bool(early_stop)
-        # one traced walk per (return_path) flag; reduce_retracing keeps batch sizes from retracing it
+        # traced walks by settings; reduce_retracing keeps new batch sizes from retracing them
         self._walks = {}
 
     # ------------------------------------------------------------------------------------------ public
@@ -105,9 +105,12 @@ class MFABA:
             c, use_pred = tf.zeros([n], tf.int64), tf.constant(True)
         else:
             c, use_pred = self._targets(target, n, k), tf.constant(False)
-        walk = self._walks.get(return_path)
+        # the settings are baked into the trace as constants: key the traced walk on them, so that changing
+        # an attribute after a call takes effect
+        key = (self.variant, self.steps, self.alpha, self.epsilon, self.use_softmax, self.early_stop, return_path)
+        walk = self._walks.get(key)
         if walk is None:
-            walk = self._walks[return_path] = tf.function(
+            walk = self._walks[key] = tf.function(
                 lambda *a: self._walk(*a, return_path=return_path), reduce_retracing=True)
         total, *path = walk(x, c, use_pred, lo, hi)
         if was_numpy:

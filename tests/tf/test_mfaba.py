@@ -97,6 +97,17 @@ def test_tensor_in_tensor_out_and_targets(model):
     np.testing.assert_allclose(v[..., 0], A.numpy())
 
 
+def test_changed_settings_take_effect(model):
+    x = images(2)
+    mf = MFABA(model, steps=3, alpha=0.002, early_stop=False)
+    first = mf.attribute(x)
+    mf.steps = 6
+    _, p = mf.attribute(x, return_path=True)
+    assert p.lengths.tolist() == [6, 6]
+    mf.steps = 3
+    np.testing.assert_allclose(mf.attribute(x), first)
+
+
 def test_errors(model):
     x = images()
     mf = MFABA(model)
