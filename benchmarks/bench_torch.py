@@ -130,7 +130,10 @@ def run_case(model: str, method: str, mode: str, n: int = 4, m: int = 32, size: 
     elif lib == "captum":
         import captum.attr
     elif lib == "ours":
+        import deepshap_opt
         from deepshap_opt.torch import DeepExplainer
+
+        base["ours_package"] = str(Path(deepshap_opt.__file__).parent)
 
     net, X, bg, fx, ef = _build(model, variant_hook_safe, n, m, size, seed, num_classes, calibrate_bn,
                                 cache_dir, models_module)
@@ -296,8 +299,10 @@ def ours_available() -> str | None:
     """None if ``from deepshap_opt.torch import DeepExplainer`` works, else the error text."""
     import subprocess
 
-    proc = subprocess.run([sys.executable, "-c", "from deepshap_opt.torch import DeepExplainer"], cwd=str(ROOT),
-                          capture_output=True, text=True, check=False)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []) + [str(ROOT)])
+    proc = subprocess.run([sys.executable, "-c", "from deepshap_opt.torch import DeepExplainer"], cwd="/",
+                          capture_output=True, text=True, check=False, env=env)
     if proc.returncode == 0:
         return None
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
@@ -365,6 +370,12 @@ def main(argv=None) -> int:
         except metadata.PackageNotFoundError:
             meta[dist] = None
 
+    import subprocess
+
+    git = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%H %cI"], capture_output=True, text=True,
+                         check=False)
+    meta["git_head"] = git.stdout.strip()
+    meta["pythonpath"] = os.environ.get("PYTHONPATH", "")
     ours_err = ours_available() if "ours" in methods else None
     if ours_err:
         print(f"# deepshap_opt.torch not importable ({ours_err}); its cases are reported as errors", flush=True)

@@ -149,7 +149,8 @@ def import_module_or_file(name: str):
 
 
 def _child_main(target: str, kwargs_json: str) -> None:
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:
+        sys.path.append(str(ROOT))
     status, payload = "ok", None
     try:
         module_name, func_name = target.rsplit(":", 1)
@@ -209,9 +210,12 @@ def run_isolated(target: str, kwargs: dict[str, Any], *, timeout_s: float | None
     if threads is not None:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             env[var] = str(threads)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    # the caller's PYTHONPATH first (e.g. a snapshot of the package under test), then the repository root;
+    # -P keeps the working directory off sys.path so that it cannot shadow them
+    env["PYTHONPATH"] = os.pathsep.join(([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []) + [str(ROOT)])
     code = "import sys; from benchmarks.harness import _child_main; _child_main(sys.argv[1], sys.argv[2])"
-    cmd = [sys.executable, "-c", code, target, json.dumps(kwargs)]
+    flags = ["-P"] if sys.version_info >= (3, 11) else []
+    cmd = [sys.executable, *flags, "-c", code, target, json.dumps(kwargs)]
     t_start = time.perf_counter()
     max_rss = 0.0
     killed_for: str | None = None
