@@ -342,6 +342,7 @@ def main(argv=None) -> int:
                     help="keep torchvision's initial BatchNorm statistics (EfficientNet-B0's outputs are then ~1e-13)")
     ap.add_argument("--skip", nargs="*", default=[], metavar="METHOD/MODE/MODEL",
                     help="fnmatch patterns of cases not to run, e.g. 'shap*/all/vgg19' (reported as skipped)")
+    ap.add_argument("--skip-reason", default="not run (--skip)", help="text shown for skipped cases")
     ap.add_argument("--cache-dir", default=os.path.join("/tmp", f"deepshap_bench_cache_{os.getuid()}"))
     ap.add_argument("--models-module", default="benchmarks.torch_models",
                     help="module or .py file with MODELS {name: factory(num_classes, hook_safe)} and "
@@ -389,7 +390,7 @@ def main(argv=None) -> int:
             continue
         base = {"model": case["model"], "method": case["method"]}
         if case["skipped"]:
-            new = [{**base, "mode": md, "status": "skipped", "error": "not run (--skip)"} for md in case["modes"]]
+            new = [{**base, "mode": md, "status": "skipped", "error": args.skip_reason} for md in case["modes"]]
             log(f"[skipped] {case['model']} {case['method']} {case['mode']}")
         elif case["method"] == "ours" and ours_err:
             new = [{**base, "mode": md, "status": "error", "error": f"import failed: {ours_err}"}
