@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from deepshap_opt.logging_sinks import FileSink, MemorySink, TensorBoardSink, load_records
+from deepshap_opt.logging_sinks import FileSink, MemorySink, load_records
 from deepshap_opt.torch import AttributionLogger
 from deepshap_opt.torch.explainer import _fingerprint
 from deepshap_opt.torch.logger import preserve_training_state
@@ -125,21 +125,19 @@ def test_cache_follows_the_weights_with_one_explainer(data):
     assert len(seen) == 3 and logger.global_step == 6
 
 
-def test_fixed_targets_and_records_in_files_and_tensorboard(data, tmp_path):
-    ea_mod = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+def test_fixed_targets_and_records_in_files(data, tmp_path):
+    """Records reach every sink of a list; the file sink reads back the same arrays. (TensorBoard event
+    files are read back with EventAccumulator in tests/test_logging_sinks.py and tests/tf/test_logger.py.)"""
     x, y = data
-    mem = MemorySink()
-    sink = [mem, FileSink(tmp_path / "files"), TensorBoardSink(tmp_path / "tb")]
-    _, _, logger, _ = train(data, "attach", sink=sink, targets=y[:4])
+    mem, calls = MemorySink(), []
+    _, _, logger, _ = train(data, "attach", sink=[mem, FileSink(tmp_path / "files"), calls.append], targets=y[:4])
     logger.close()
-    assert [r.targets.tolist() for r in mem.records] == [y[:4].tolist()] * 3
+    assert [r.targets.tolist() for r in mem.records] == [y[:4].tolist()] * 3 and calls == mem.records
     recs = load_records(tmp_path / "files")
     assert [r["step"] for r in recs] == [4, 8, 12]
+    assert all(r["metrics"]["completeness_error"] < 1e-4 for r in recs)
     np.testing.assert_array_equal(recs[-1]["attributions"], mem.records[-1].attributions)
-    acc = ea_mod.EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0, "scalars": 0})
-    acc.Reload()
-    assert [e.step for e in acc.Scalars("attributions/completeness_error")] == [4, 8, 12]
-    assert len(acc.Images("attributions/heatmap")) == 3
+    np.testing.assert_array_equal(recs[-1]["inputs"], x[:4].numpy())
 
 
 def test_preserve_training_state_undoes_a_training_forward(data):
