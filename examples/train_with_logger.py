@@ -130,8 +130,9 @@ def main(argv=None):
     col0 = plot_drift(records, change_step, path)
     before = [c for r, c in zip(records, col0) if r.step <= change_step]
     after = [c for r, c in zip(records, col0) if r.step > change_step]
-    print(f"share of |attribution| on the shortcut column: {before[-1]:.3f} at the data change, "
-          f"{after[-1]:.3f} at the end")
+    if before and after:
+        print(f"share of |attribution| on the shortcut column: {before[-1]:.3f} at the data change, "
+              f"{after[-1]:.3f} at the end")
     print(f"max completeness error {max(r.metrics.get('completeness_error', 0.0) for r in records):.1e}")
     print(f"wrote {path}")
     print(f"TensorBoard: tensorboard --logdir {os.path.join(args.out, 'tb')}")
