@@ -175,3 +175,43 @@ def test_import_does_not_pull_frameworks():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Conv2d(2, 4, 3)
+        self.fc = nn.Linear(8 + 4, 3)
+
+    def forward(self, v, img):
+        h = torch.relu(self.a(v))
+        g = torch.relu(self.b(img)).amax((2, 3))
+        return self.fc(torch.cat([h * g.sum(1, keepdim=True), g], 1))
+
+
+def test_multi_input(tmp_path):
+    torch.manual_seed(1)
+    model = TwoInputs().eval()
+    bg = [torch.randn(5, 6), torch.randn(5, 2, 5, 5)]
+    X = [torch.randn(3, 6), torch.randn(3, 2, 5, 5)]
+    path = tmp_path / "two.onnx"
+    dso.export(model, bg, path, outputs="all")
+    proto = onnx.load(path)
+    assert [o.name for o in proto.graph.output][-2:] == ["shap_values_input_0", "shap_values_input_1"]
+    out = run(proto, {"input_0": X[0].numpy(), "input_1": X[1].numpy()})
+    assert out["shap_values_input_0"].shape == (3, 6, 3) and out["shap_values_input_1"].shape == (3, 2, 5, 5, 3)
+    err, scale = completeness_error(proto, out)
+    assert err <= 1e-4 * scale
+    e = dso.DeepExplainer(model, bg)
+    vals = e.shap_values(X)
+    assert isinstance(vals, list) and len(vals) == 2
+    np.testing.assert_allclose(vals[1], out["shap_values_input_1"], atol=1e-6)
+    TDE = torch_backend()
+    if TDE is not None:
+        try:
+            tv = TDE(model, bg).shap_values(X, check_additivity=False)
+        except Exception as ex:  # pragma: no cover
+            pytest.skip(f"torch backend: {ex}")
+        for a, b in zip(tv, vals):
+            assert np.abs(np.asarray(a) - b).max() <= 1e-4 * scale
