@@ -37,7 +37,7 @@ METHODS = ("mfaba_sharp", "mfaba_smooth", "mfaba_sharp_es", "refstyle", "ig", "s
 
 
 def tiny_cnn(num_classes: int = 10):
-    import torch.nn as nn
+    from torch import nn
 
     return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
                          nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(4),
@@ -156,12 +156,15 @@ def run_case(a) -> dict:
 
 def spawn(args, model: str, method: str, steps: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--model", model, "--method", method,
-           "--steps", str(steps), "--batch", str(args.batch), "--size", str(args.size), "--device", args.device,
-           "--repeats", str(args.repeats), "--num-classes", str(args.num_classes), "--threads", str(args.threads)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+           "--steps", str(steps), "--batch", str(args.batch), "--size", str(args.size),
+           "--device", args.device, "--repeats", str(args.repeats), "--num-classes", str(args.num_classes),
+           "--threads", str(args.threads)]
+    path = os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=path)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if p.returncode != 0:
-        return dict(model=model, method=method, steps=steps, error=(p.stderr.strip().splitlines() or ["?"])[-1])
+        last = (p.stderr.strip().splitlines() or ["?"])[-1]
+        return dict(model=model, method=method, steps=steps, error=last)
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -175,8 +178,8 @@ def table(rows, cuda: bool) -> str:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['method']} | {r['steps']} | error: {r['error']} |")
             continue
-        cells = [r["model"], r["method"], str(r["steps"]), f"{r['images_per_s']:.2f}", f"{r['peak_rss_mb']:.0f}",
-                 f"{r['base_rss_mb']:.0f}"]
+        cells = [r["model"], r["method"], str(r["steps"]), f"{r['images_per_s']:.2f}",
+                 f"{r['peak_rss_mb']:.0f}", f"{r['base_rss_mb']:.0f}"]
         if cuda:
             cells += [f"{r['peak_cuda_mb']:.0f}", f"{r['base_cuda_mb']:.0f}"]
         cells.append(f"{r['mean_path_length']:.1f}" if "mean_path_length" in r else "")

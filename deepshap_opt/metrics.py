@@ -13,11 +13,13 @@ is moved with all its channels. Everything here is NumPy; the model is reached o
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["Curve", "insertion_curve", "deletion_curve", "insertion_auc", "deletion_auc", "auc", "gaussian_blur"]
+__all__ = ["Curve", "auc", "deletion_auc", "deletion_curve", "gaussian_blur", "insertion_auc",
+           "insertion_curve"]
 
 
 class Curve(NamedTuple):
@@ -43,7 +45,7 @@ def gaussian_blur(x, sigma: float, spatial_axes=(-2, -1)) -> np.ndarray:
     out = x.astype(np.float64)
     if sigma <= 0:
         return out.astype(x.dtype)
-    r = max(1, int(math.ceil(3 * sigma)))
+    r = max(1, math.ceil(3 * sigma))
     k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
     k /= k.sum()
     for ax in spatial_axes:

@@ -17,7 +17,7 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from deepshap_opt.torch import MFABA
 
@@ -56,7 +56,8 @@ def deepshap(model, background, x):
         from deepshap_opt.torch import DeepExplainer
     except ImportError:
         return None
-    values, _ = DeepExplainer(model, torch.from_numpy(background)).shap_values(torch.from_numpy(x), ranked_outputs=1)
+    explainer = DeepExplainer(model, torch.from_numpy(background))
+    values, _ = explainer.shap_values(torch.from_numpy(x), ranked_outputs=1)
     return np.asarray(values)[..., 0]
 
 
@@ -120,10 +121,10 @@ def faithfulness_table(model, x_train, x_test, y_test) -> str:
     methods["random ranking"] = lambda: torch.from_numpy(rng.random(x_test.shape))
 
     acc = float((predict(x_test).argmax(1) == y_test).mean())
-    lines = [f"{len(x_test)} test digits, test accuracy {acc:.3f}; pixel by pixel (64 steps). Substrates: "
-             "zeros (the digits' background) or a blurred copy (σ = 1 px).", "",
-             "| method | insertion AUC ↑ (blur) | deletion AUC ↓ (zeros) | insertion AUC ↑ (zeros) | "
-             "deletion AUC ↓ (blur) | seconds |", "|---|---|---|---|---|---|"]
+    lines = [(f"{len(x_test)} test digits, test accuracy {acc:.3f}; pixel by pixel (64 steps). Substrates: "
+              "zeros (the digits' background) or a blurred copy (σ = 1 px)."), "",
+             ("| method | insertion AUC ↑ (blur) | deletion AUC ↓ (zeros) | insertion AUC ↑ (zeros) | "
+              "deletion AUC ↓ (blur) | seconds |"), "|---|---|---|---|---|---|"]
     tg = target.numpy()
     for name, fn in methods.items():
         t0 = time.perf_counter()

@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deepshap_opt.metrics import (auc, deletion_auc, deletion_curve, gaussian_blur, insertion_auc,
-                                  insertion_curve)
+from deepshap_opt.metrics import (
+    auc,
+    deletion_auc,
+    deletion_curve,
+    gaussian_blur,
+    insertion_auc,
+    insertion_curve,
+)
 
 
 def mean_model(x):

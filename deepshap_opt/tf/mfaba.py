@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["MFABA", "MFABAPath", "VARIANTS"]
+__all__ = ["MFABA", "VARIANTS", "MFABAPath"]
 
 VARIANTS = ("sharp", "smooth")
 #: The sharp variant's step is ``SHARP_SCALE · alpha`` in L2 norm (the reference's constant).
@@ -107,7 +107,8 @@ class MFABA:
             c, use_pred = self._targets(target, n, k), tf.constant(False)
         # the settings are baked into the trace as constants: key the traced walk on them, so that changing
         # an attribute after a call takes effect
-        key = (self.variant, self.steps, self.alpha, self.epsilon, self.use_softmax, self.early_stop, return_path)
+        key = (self.variant, self.steps, self.alpha, self.epsilon, self.use_softmax, self.early_stop,
+               return_path)
         walk = self._walks.get(key)
         if walk is None:
             walk = self._walks[key] = tf.function(
@@ -130,7 +131,8 @@ class MFABA:
         out = self._check_output(self.model(x, training=False), int(x.shape[0]))
         out_np = np.asarray(out, dtype=np.float64)
         indexes = output_selector(ranked_outputs, output_rank_order, out_np.shape[1])(out_np)
-        cols = [np.asarray(self.attribute(x, indexes[:, j]), dtype=np.float64) for j in range(indexes.shape[1])]
+        cols = [np.asarray(self.attribute(x, indexes[:, j]), dtype=np.float64)
+                for j in range(indexes.shape[1])]
         values = np.stack(cols, axis=-1)
         return values if ranked_outputs is None else (values, indexes)
 
@@ -144,7 +146,8 @@ class MFABA:
                 raise TypeError(f"x must be a floating-point array, got dtype {x.dtype}")
             x = tf.convert_to_tensor(x)
         if not x.dtype.is_floating:
-            raise TypeError(f"x must be a floating-point tensor (gradients are taken w.r.t. it), got {x.dtype.name}")
+            raise TypeError(f"x must be a floating-point tensor (gradients are taken w.r.t. it), got "
+                            f"{x.dtype.name}")
         if x.shape.rank is None or x.shape.rank < 2 or x.shape[0] == 0:
             raise ValueError(f"x must be a non-empty batch (N, *in), got shape {tuple(x.shape)}")
         return x
@@ -156,21 +159,24 @@ class MFABA:
             tf.broadcast_static_shape(lo.shape, x.shape[1:])
             tf.broadcast_static_shape(hi.shape, x.shape[1:])
         except ValueError as e:
-            raise ValueError(f"data_min/data_max of shapes {tuple(lo.shape)}/{tuple(hi.shape)} do not broadcast "
+            raise ValueError(f"data_min/data_max of shapes {tuple(lo.shape)}/{tuple(hi.shape)} do not "
+                             "broadcast "
                              f"to one sample's shape {tuple(x.shape[1:])}") from e
         if bool(tf.reduce_any(lo > hi)):
             raise ValueError("data_min must not exceed data_max")
         if bool(tf.reduce_any(x < lo) or tf.reduce_any(x > hi)):
             raise ValueError(
                 f"x must lie in [data_min, data_max] (MFABA clips every path point into that range): x spans "
-                f"[{float(tf.reduce_min(x)):.6g}, {float(tf.reduce_max(x)):.6g}] but data_min={self.data_min!r}, "
+                f"[{float(tf.reduce_min(x)):.6g}, {float(tf.reduce_max(x)):.6g}] but "
+                f"data_min={self.data_min!r}, "
                 f"data_max={self.data_max!r}. Pass the bounds of your (normalised) input space.")
         return lo, hi
 
     @staticmethod
     def _check_output(out, n: int):
         if isinstance(out, (list, tuple, dict)) or not tf.is_tensor(out) and not isinstance(out, np.ndarray):
-            raise TypeError(f"the model must return one tensor of class scores (N, K), got {type(out).__name__}")
+            raise TypeError("the model must return one tensor of class scores (N, K), got "
+                            f"{type(out).__name__}")
         if len(out.shape) != 2 or out.shape[0] != n:
             raise ValueError(f"the model must return class scores of shape (N, K) = ({n}, K) with a class "
                              f"dimension, got shape {tuple(out.shape)}")
@@ -180,8 +186,8 @@ class MFABA:
         # one forward of a single sample, to check the output and validate targets before tracing the walk
         k = int(self._check_output(self.model(x[:1], training=False), 1).shape[1])
         if self.use_softmax and k < 2:
-            raise ValueError("use_softmax=True needs at least 2 classes (a softmax over one class is constant); "
-                             "pass use_softmax=False to explain a single output")
+            raise ValueError("use_softmax=True needs at least 2 classes (a softmax over one class is "
+                             "constant); pass use_softmax=False to explain a single output")
         return k
 
     @staticmethod
@@ -192,9 +198,11 @@ class MFABA:
         if t.ndim == 0:
             t = np.full(n, t)
         if t.shape != (n,):
-            raise ValueError(f"target must be an int or have one entry per sample ({n},), got shape {t.shape}")
+            raise ValueError(f"target must be an int or have one entry per sample ({n},), got shape "
+                             f"{t.shape}")
         if (t < 0).any() or (t >= k).any():
-            raise ValueError(f"target out of range: the model has {k} classes (0..{k - 1}), got {t.min()}..{t.max()}")
+            raise ValueError(f"target out of range: the model has {k} classes (0..{k - 1}), got "
+                             f"{t.min()}..{t.max()}")
         return tf.constant(t, tf.int64)
 
     # ------------------------------------------------------------------------------------------ the walk
@@ -222,10 +230,11 @@ class MFABA:
         n = tf.shape(x)[0]
         bshape = tf.concat([[n], tf.ones([x.shape.rank - 1], tf.int32)], 0)
         early_stop = self.early_stop
-        pts = tf.TensorArray(x.dtype, size=0, dynamic_size=True, element_shape=x.shape) if return_path else None
-        grs = tf.TensorArray(x.dtype, size=0, dynamic_size=True, element_shape=x.shape) if return_path else None
+        placeholder = tf.zeros([], x.dtype)  # loop_vars need a tensor where the path is not kept
+        pts = grs = placeholder
         if return_path:
-            pts = pts.write(0, x)
+            pts = tf.TensorArray(x.dtype, size=0, dynamic_size=True, element_shape=x.shape).write(0, x)
+            grs = tf.TensorArray(x.dtype, size=0, dynamic_size=True, element_shape=x.shape)
 
         def cond(t, xt, total, c, active, lengths, pts, grs):
             return tf.logical_and(t < self.steps, tf.reduce_any(active))
@@ -247,16 +256,15 @@ class MFABA:
             c, active, lengths = (tf.ensure_shape(v, x.shape[:1]) for v in (c, active, lengths))
             return t + 1, x_next, total, c, active, lengths, pts, grs
 
-        placeholder = tf.zeros([], x.dtype)  # loop_vars need a tensor where the path is not kept
-        init = (tf.constant(0), x, tf.zeros_like(x), tf.ensure_shape(c, x.shape[:1]),
-                tf.ensure_shape(tf.ones([n], tf.bool), x.shape[:1]), tf.ensure_shape(tf.zeros([n], tf.int64), x.shape[:1]),
-                pts if return_path else placeholder, grs if return_path else placeholder)
-        t, xt, total, c, active, lengths, pts, grs = tf.while_loop(cond, body, init)
+        per_sample = x.shape[:1]
+        init = (tf.constant(0), x, tf.zeros_like(x), tf.ensure_shape(c, per_sample),
+                tf.ensure_shape(tf.ones([n], tf.bool), per_sample),
+                tf.ensure_shape(tf.zeros([n], tf.int64), per_sample), pts, grs)
+        _, _, total, c, _, lengths, pts, grs = tf.while_loop(cond, body, init)
         if not return_path:
             return (total,)
         # steps that ran after every sample had stopped add nothing; drop them to match torch's path
         last = tf.reduce_max(lengths)
         points = pts.stack()[:last + 1]
-        gradients = tf.cond(t > 0, lambda: grs.stack()[:last], lambda: tf.zeros(tf.concat([[0], tf.shape(x)], 0),
-                                                                                x.dtype))
+        gradients = grs.stack()[:last]  # t >= 1: the first step always runs
         return total, points, gradients, lengths

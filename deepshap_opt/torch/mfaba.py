@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["MFABA", "MFABAPath", "VARIANTS"]
+__all__ = ["MFABA", "VARIANTS", "MFABAPath"]
 
 #: The two update rules of the reference code: normalised-gradient steps ("sharp") and sign steps inside
 #: an L∞ ball of radius ``epsilon`` around the input ("smooth").
@@ -66,9 +66,9 @@ class MFABA:
     model : torch.nn.Module
         Maps (N, *in) to class scores (N, K) (logits; see ``use_softmax``).
     variant : {"sharp", "smooth"}
-        ``"sharp"``: ``x_{t+1} = clip(x_t − 100·alpha · g_t/‖g_t‖₂, data_min, data_max)`` (norm per sample).
-        ``"smooth"``: ``x_{t+1} = clip(x + clip(x_t − alpha·sign(g_t) − x, −epsilon, epsilon), data_min,
-        data_max)``. ``g_t = ∇ₓ f_c(x_t)``; both move down ``f_c``, away from class c.
+        ``"sharp"``: ``x_{t+1} = clip(x_t − 100·alpha · g_t/‖g_t‖₂, data_min, data_max)`` (norm per
+        sample). ``"smooth"``: ``x_{t+1} = clip(x + clip(x_t − alpha·sign(g_t) − x, −epsilon, epsilon),
+        data_min, data_max)``. ``g_t = ∇ₓ f_c(x_t)``; both move down ``f_c``, away from class c.
     steps : int
         Most steps per sample (the path has at most ``steps + 1`` points).
     alpha : float
@@ -188,7 +188,8 @@ class MFABA:
         elif not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor or numpy array, got {type(x).__name__}")
         if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor (gradients are taken w.r.t. it), got {x.dtype}")
+            raise TypeError(f"x must be a floating-point tensor (gradients are taken w.r.t. it), got "
+                            f"{x.dtype}")
         if x.dim() < 2 or x.shape[0] == 0:
             raise ValueError(f"x must be a non-empty batch (N, *in), got shape {tuple(x.shape)}")
         return x.detach()
@@ -200,7 +201,8 @@ class MFABA:
             torch.broadcast_shapes(lo.shape, x.shape[1:])
             torch.broadcast_shapes(hi.shape, x.shape[1:])
         except RuntimeError as e:
-            raise ValueError(f"data_min/data_max of shapes {tuple(lo.shape)}/{tuple(hi.shape)} do not broadcast "
+            raise ValueError(f"data_min/data_max of shapes {tuple(lo.shape)}/{tuple(hi.shape)} do not "
+                             "broadcast "
                              f"to one sample's shape {tuple(x.shape[1:])}") from e
         if bool((lo > hi).any()):
             raise ValueError("data_min must not exceed data_max")
@@ -215,7 +217,8 @@ class MFABA:
     @staticmethod
     def _check_output(out, n: int) -> None:
         if not isinstance(out, torch.Tensor):
-            raise TypeError(f"the model must return one tensor of class scores (N, K), got {type(out).__name__}")
+            raise TypeError("the model must return one tensor of class scores (N, K), got "
+                            f"{type(out).__name__}")
         if out.dim() != 2 or out.shape[0] != n:
             raise ValueError(f"the model must return class scores of shape (N, K) = ({n}, K) with a class "
                              f"dimension, got shape {tuple(out.shape)}")
@@ -231,7 +234,8 @@ class MFABA:
         if t.dim() == 0:
             t = t.expand(n)
         if t.shape != (n,):
-            raise ValueError(f"target must be an int or have one entry per sample ({n},), got shape {tuple(t.shape)}")
+            raise ValueError(f"target must be an int or have one entry per sample ({n},), got shape "
+                             f"{tuple(t.shape)}")
         if bool(((t < 0) | (t >= k)).any()):
             raise ValueError(f"target out of range: the model has {k} classes (0..{k - 1}), got "
                              f"{t.min().item()}..{t.max().item()}")
@@ -239,11 +243,12 @@ class MFABA:
 
     # ------------------------------------------------------------------------------------------ the walk
     def _score(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Σ_i f_{c_i}(x_i): its gradient w.r.t. the batch is each sample's own ∇ₓ f_c (rows are independent)."""
+        """Σ_i f_{c_i}(x_i): its gradient w.r.t. the batch is each sample's own ∇ₓ f_c (rows are
+        independent)."""
         if self.use_softmax:
             if out.shape[1] < 2:
-                raise ValueError("use_softmax=True needs at least 2 classes (a softmax over one class is constant); "
-                                 "pass use_softmax=False to explain a single output")
+                raise ValueError("use_softmax=True needs at least 2 classes (a softmax over one class is "
+                                 "constant); pass use_softmax=False to explain a single output")
             out = F.softmax(out, dim=1)
         return out.gather(1, target[:, None]).sum()
 

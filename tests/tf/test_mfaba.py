@@ -9,7 +9,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from deepshap_opt.tf.mfaba import MFABA, MFABAPath  # noqa: E402
+from deepshap_opt.tf.mfaba import MFABA, MFABAPath
 
 
 def keras_cnn(dtype="float64", seed=0):
@@ -45,7 +45,8 @@ def reference_mfaba(model, x, target, variant, steps, alpha, epsilon, lo=0.0, hi
             if variant == "sharp":
                 xt = tf.clip_by_value(xt - 100 * alpha * g / tf.norm(g), lo, hi)
             else:
-                xt = tf.clip_by_value(x0 + tf.clip_by_value(xt - alpha * tf.sign(g) - x0, -epsilon, epsilon), lo, hi)
+                moved = tf.clip_by_value(xt - alpha * tf.sign(g) - x0, -epsilon, epsilon)
+                xt = tf.clip_by_value(x0 + moved, lo, hi)
             points.append(xt)
             grads.append(g)
             if early_stop and int(tf.argmax(model(xt, training=False), 1)[0]) != c:
@@ -138,14 +139,15 @@ def torch_twin(kmodel):
     global torch
     torch = pytest.importorskip("torch")
     convs = [layer for layer in kmodel.layers if isinstance(layer, keras.layers.Conv2D)]
-    dense = [layer for layer in kmodel.layers if isinstance(layer, keras.layers.Dense)][0]
+    dense = next(layer for layer in kmodel.layers if isinstance(layer, keras.layers.Dense))
     t = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(),
-                            torch.nn.Conv2d(4, 8, 3, stride=2, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
-                            torch.nn.Linear(8 * 16, 10)).double()
+                            torch.nn.Conv2d(4, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                            torch.nn.Flatten(), torch.nn.Linear(8 * 16, 10)).double()
     with torch.no_grad():
         for tc, kc in zip([t[0], t[2]], convs):
             w, b = kc.get_weights()
-            tc.weight.copy_(torch.from_numpy(w.transpose(3, 2, 0, 1)))  # (kh, kw, in, out) -> (out, in, kh, kw)
+            # (kh, kw, in, out) -> (out, in, kh, kw)
+            tc.weight.copy_(torch.from_numpy(w.transpose(3, 2, 0, 1)))
             tc.bias.copy_(torch.from_numpy(b))
         w, b = dense.get_weights()
         # Keras flattens (h, w, c), torch (c, h, w): reorder the dense rows to match
@@ -162,7 +164,8 @@ def test_torch_and_tf_agree_on_the_same_weights(model, variant, alpha):
 
     x = images()
     x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-    np.testing.assert_allclose(tmodel(torch.from_numpy(x_nchw)).detach().numpy(), model(x).numpy(), rtol=1e-10)
+    np.testing.assert_allclose(tmodel(torch.from_numpy(x_nchw)).detach().numpy(), model(x).numpy(),
+                               rtol=1e-10)
     kw = dict(variant=variant, steps=30, alpha=alpha, epsilon=0.05)
     A_tf, p_tf = MFABA(model, **kw).attribute(x, return_path=True)
     A_t, p_t = TorchMFABA(tmodel, **kw).attribute(x_nchw, return_path=True)

@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from deepshap_opt.torch.mfaba import MFABA, MFABAPath  # noqa: E402
+from deepshap_opt.torch.mfaba import MFABA, MFABAPath
 
 
 def small_cnn(dtype=torch.float64, seed=0, extras=False):
@@ -25,7 +25,8 @@ def images(n=6, dtype=torch.float64, seed=1):
     return torch.rand(n, 1, 8, 8, generator=g, dtype=dtype)
 
 
-def reference_mfaba(model, x, target, variant, steps, alpha, epsilon, lo, hi, use_softmax=True, early_stop=True):
+def reference_mfaba(model, x, target, variant, steps, alpha, epsilon, lo, hi, use_softmax=True,
+                    early_stop=True):
     """The formula, one sample at a time, keeping the whole path (as the paper writes it).
 
     Unlike the reference code it zeroes nothing because it never accumulates: each gradient is a fresh
@@ -53,7 +54,8 @@ def reference_mfaba(model, x, target, variant, steps, alpha, epsilon, lo, hi, us
     return torch.cat(out)
 
 
-CASES = [  # (variant, alpha, use_softmax, early_stop): small and large steps, so some samples stop and some don't
+# (variant, alpha, use_softmax, early_stop): small and large steps, so some samples stop and some don't
+CASES = [
     ("sharp", 0.001, True, True),
     ("sharp", 0.004, True, True),
     ("sharp", 0.002, False, True),
@@ -67,7 +69,8 @@ CASES = [  # (variant, alpha, use_softmax, early_stop): small and large steps, s
 def test_matches_per_sample_reference(variant, alpha, use_softmax, early_stop):
     model, x = small_cnn(), images()
     target = model(x).argmax(1)
-    kw = dict(variant=variant, steps=30, alpha=alpha, epsilon=0.05, use_softmax=use_softmax, early_stop=early_stop)
+    kw = dict(variant=variant, steps=30, alpha=alpha, epsilon=0.05, use_softmax=use_softmax,
+              early_stop=early_stop)
     A = MFABA(model, **kw).attribute(x)
     R = reference_mfaba(model, x, target, variant, 30, alpha, 0.05, 0.0, 1.0, use_softmax, early_stop)
     assert A.shape == x.shape and A.dtype == x.dtype
