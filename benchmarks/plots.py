@@ -88,7 +88,7 @@ def run_case(method: str, n: int, m: int, repeats: int, seed: int = 0) -> dict:
     t0 = time.perf_counter()
     if method == "shap":
         e = shap.DeepExplainer(model, bg)
-        call = lambda: e.shap_values(X, ranked_outputs=1, check_additivity=False)  # noqa: E731
+        call = lambda: e.shap_values(X, ranked_outputs=1, check_additivity=False)
     elif method == "captum":
         dl = DeepLiftShap(model)
 
@@ -98,7 +98,7 @@ def run_case(method: str, n: int, m: int, repeats: int, seed: int = 0) -> dict:
             return dl.attribute(X, baselines=bg, target=top)
     else:
         e = DeepExplainer(model, bg)
-        call = lambda: e.shap_values(X, ranked_outputs=1, check_additivity=False)  # noqa: E731
+        call = lambda: e.shap_values(X, ranked_outputs=1, check_additivity=False)
     build_s = time.perf_counter() - t0
     call()                                                  # warm-up
     times, cpu = [], []
@@ -119,7 +119,7 @@ def spawn(method: str, n: int, m: int, repeats: int, timeout: float) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"method": method, "n": n, "m": m, "error": "timeout"}
     for line in p.stdout.splitlines():

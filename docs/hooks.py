@@ -69,7 +69,7 @@ def _unlink_missing(markdown: str, page, files) -> str:
 def _fix_rule_anchors(markdown: str) -> str:
     """The generator links '#shapley-pair' but the heading 'shapley_pair' has the anchor '#shapley_pair'
     (python-markdown and GitHub keep underscores)."""
-    for name in re.findall(r"^## (\w+)$", markdown, re.M):
+    for name in re.findall(r"^## (\w+)$", markdown, re.MULTILINE):
         if "_" in name:
             markdown = markdown.replace(f"(#{name.replace('_', '-')})", f"(#{name})")
     return markdown

@@ -61,7 +61,7 @@ def train(out: str, seed: int = 0) -> None:
 def sh(*args: str, cwd: str) -> None:
     """Run ``deepshap-opt ARGS`` (as ``python -m deepshap_opt``) and echo it like a shell session."""
     print(f"$ deepshap-opt {' '.join(shlex.quote(a) for a in args)}", flush=True)
-    proc = subprocess.run([sys.executable, "-m", "deepshap_opt", *args], cwd=cwd, text=True, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "deepshap_opt", *args], cwd=cwd, text=True, capture_output=True, check=False)
     print(proc.stdout, end="", flush=True)
     if proc.returncode != 0:
         print(proc.stderr, end="", file=sys.stderr)
