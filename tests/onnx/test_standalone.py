@@ -215,3 +215,19 @@ def test_multi_input(tmp_path):
             pytest.skip(f"torch backend: {ex}")
         for a, b in zip(tv, vals):
             assert np.abs(np.asarray(a) - b).max() <= 1e-4 * scale
+
+
+def test_external_data_above_the_protobuf_limit(tmp_path, monkeypatch):
+    # the 2 GB switch, exercised with a tiny limit
+    monkeypatch.setattr(dso, "_PROTO_LIMIT", 1000)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3)).eval()
+    bg, X = torch.randn(4, 16), torch.randn(2, 16)
+    path = tmp_path / "big.onnx"
+    dso.export(model, bg, path)
+    assert (tmp_path / "big.onnx.data").exists()
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": X.numpy()})))
+    assert out["shap_values"].shape == (2, 16, 1)
