@@ -165,6 +165,9 @@ def plot(results: list[dict], out: Path, n_fixed: int, m_fixed: int, metric: str
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
         if key != "rss_extra_mb":
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(xl)
         ax.set_ylabel(yl)
         ax.set_title(title + ", small CNN 3x32x32, 1 CPU thread", fontsize=9)
