@@ -198,9 +198,10 @@ class MFABA:
         lo = torch.as_tensor(self.data_min, dtype=x.dtype, device=x.device)
         hi = torch.as_tensor(self.data_max, dtype=x.dtype, device=x.device)
         try:
-            torch.broadcast_shapes(lo.shape, x.shape[1:])
-            torch.broadcast_shapes(hi.shape, x.shape[1:])
-        except RuntimeError as e:
+            # numpy's check: torch.broadcast_shapes imports sympy on first use (~35 MB of host memory)
+            np.broadcast_shapes(tuple(lo.shape), tuple(x.shape[1:]))
+            np.broadcast_shapes(tuple(hi.shape), tuple(x.shape[1:]))
+        except ValueError as e:
             raise ValueError(f"data_min/data_max of shapes {tuple(lo.shape)}/{tuple(hi.shape)} do not "
                              "broadcast "
                              f"to one sample's shape {tuple(x.shape[1:])}") from e

@@ -241,6 +241,8 @@ def test_errors():
         mf.attribute(x + 1.0)
     with pytest.raises(ValueError, match=r"\[data_min, data_max\]"):
         mf.attribute(x - 0.5)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        MFABA(model, data_min=torch.zeros(2, 1, 1)).attribute(x)
     with pytest.raises(TypeError, match="floating-point"):
         mf.attribute((x * 255).to(torch.uint8))
     with pytest.raises(TypeError, match="floating-point"):
