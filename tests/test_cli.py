@@ -235,3 +235,24 @@ def test_export_keras_file(tmp_path):
     f, ef = np.load(tmp_path / "f.npy").astype(np.float64), np.load(tmp_path / "ef.npy").astype(np.float64)
     assert _completeness(tmp_path / "out", f, ef, idx) < 1e-4
     assert len(list((tmp_path / "out" / "png").glob("*.png"))) == 3
+
+
+def test_onnx_op_table_covers_the_backend():
+    """Every op type that deepshap_opt.onnx's backward dispatch handles is in the CLI's listing table, and
+    every entry of the table names a canonical op of the rule specification."""
+    import inspect
+    import re
+
+    from deepshap_opt.cli import _onnx_op_table
+    from deepshap_opt.onnx import _graph
+    from deepshap_opt.rules import spec
+
+    src = inspect.getsource(_graph.ExplanationBuilder.vjp)
+    handled = set()
+    for m in re.finditer(r"op (?:==|in) ([^:]+):", src):
+        handled |= set(re.findall(r'"([A-Z][A-Za-z]*)"', m.group(1)))
+    handled |= set(_graph._ELEMENTWISE) | set(_graph._PASS)
+    table = _onnx_op_table()
+    assert handled <= set(table), sorted(handled - set(table))
+    assert set(table) <= handled, sorted(set(table) - handled)
+    assert all(canon in spec.OPS for canon in table.values()), [c for c in table.values() if c not in spec.OPS]
