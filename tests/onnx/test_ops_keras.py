@@ -64,6 +64,19 @@ def seq_model():
     return keras.Model(inp, L.Dense(3, activation="log_softmax")(h))
 
 
+def more_layers():
+    inp = keras.Input((10, 4))
+    a = L.Conv1D(4, 3, padding="same")(inp)
+    a = L.GroupNormalization(groups=2)(a)
+    b = L.Activation("elu")(a)
+    c = L.Maximum()([a, b])
+    d = L.Minimum()([a, L.Activation("tanh")(b)])
+    e = L.Average()([c, d])
+    e = L.MaxPooling1D(2)(e)
+    e = L.GlobalAveragePooling1D()(e)
+    return keras.Model(inp, L.Dense(3)(e))
+
+
 ACTS = ["relu", "elu", "selu", "sigmoid", "tanh", "softplus", "softsign", "exponential", "hard_sigmoid",
         "mish", "leaky_relu"]
 
@@ -75,6 +88,7 @@ CASES = {
     "prelu_leaky": (lambda: img_model(L.Dense(5), L.PReLU(), L.LeakyReLU(0.2), shape=(6,)), (6,), {"LeakyRelu"}),
     "functional": (functional_model, (8, 8, 3), {"Conv", "ConvTranspose", "Concat", "Add", "Sub", "Mul",
                                                  "Softmax", "Resize", "Pad"}),
+    "conv1d_groupnorm_max_min": (more_layers, (10, 4), {"Max", "Min"}),
     "sequence": (seq_model, (4, 6), {"MatMul", "Transpose", "Reshape"}),   # tf2onnx decomposes LayerNorm
 }
 
