@@ -343,6 +343,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", nargs="*", default=[], metavar="METHOD/MODE/MODEL",
                     help="fnmatch patterns of cases not to run, e.g. 'shap*/all/vgg19' (reported as skipped)")
     ap.add_argument("--skip-reason", default="not run (--skip)", help="text shown for skipped cases")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: print the table of --out, listing the planned cases it lacks as "
+                    "'not run' (with --skip-reason), and write them back to --out")
     ap.add_argument("--cache-dir", default=os.path.join("/tmp", f"deepshap_bench_cache_{os.getuid()}"))
     ap.add_argument("--models-module", default="benchmarks.torch_models",
                     help="module or .py file with MODELS {name: factory(num_classes, hook_safe)} and "
@@ -355,8 +358,12 @@ def main(argv=None) -> int:
         args.models_module = str(Path(args.models_module).resolve())
     methods = list(dict.fromkeys(args.methods))
     records: list[dict] = []
-    if args.resume and args.out and os.path.exists(args.out):
-        records = harness.load_records(args.out)
+    previous_meta: dict = {}
+    if (args.resume or args.report_only) and args.out and os.path.exists(args.out):
+        with open(args.out) as fh:
+            saved = json.load(fh)
+        records = saved["records"]
+        previous_meta = saved.get("meta", {})
     done = {(r.get("model"), r.get("method"), r.get("mode")) for r in records}
     meta = {"argv": sys.argv, "n": args.n, "m": args.m, "size": args.size, "num_classes": args.num_classes,
             "repeats": args.repeats, "threads": args.threads, "seed": args.seed, "long_s": args.long_s,
@@ -370,6 +377,8 @@ def main(argv=None) -> int:
             meta[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             meta[dist] = None
+    meta["invocations"] = [*previous_meta.get("invocations", []),
+                           {"argv": sys.argv, "started": meta["started"]}]
 
     import subprocess
 
@@ -377,7 +386,7 @@ def main(argv=None) -> int:
                          check=False)
     meta["git_head"] = git.stdout.strip()
     meta["pythonpath"] = os.environ.get("PYTHONPATH", "")
-    ours_err = ours_available() if "ours" in methods else None
+    ours_err = ours_available() if "ours" in methods and not args.report_only else None
     if ours_err:
         print(f"# deepshap_opt.torch not importable ({ours_err}); its cases are reported as errors", flush=True)
 
@@ -389,8 +398,9 @@ def main(argv=None) -> int:
         if all(k in done for k in keys):
             continue
         base = {"model": case["model"], "method": case["method"]}
-        if case["skipped"]:
-            new = [{**base, "mode": md, "status": "skipped", "error": args.skip_reason} for md in case["modes"]]
+        if case["skipped"] or args.report_only:
+            new = [{**base, "mode": md, "status": "not run", "error": args.skip_reason} for md in case["modes"]
+                   if (case["model"], case["method"], md) not in done]
             log(f"[skipped] {case['model']} {case['method']} {case['mode']}")
         elif case["method"] == "ours" and ours_err:
             new = [{**base, "mode": md, "status": "error", "error": f"import failed: {ours_err}"}
