@@ -163,6 +163,14 @@ def cmd_export(args) -> int:
         raise CLIError(f"export needs the onnx extra (pip install deepshap-opt[onnx]): {exc}") from exc
     if kind == "onnx":
         model = args.model
+        try:
+            import onnx
+
+            outs = [o.name for o in onnx.load(args.model, load_external_data=False).graph.output]
+        except Exception as exc:
+            raise CLIError(f"cannot read ONNX file {args.model}: {_one_line(exc)}") from exc
+        if any(o == "shap_values" or o.startswith("shap_values_") for o in outs):
+            raise CLIError(f"{args.model} already has shap_values outputs (an exported file): export the original model")
     elif kind == "keras":
         model = _load_keras(args.model)
     else:
@@ -307,6 +315,9 @@ def cmd_explain(args) -> int:
         raise CLIError(f"input of shape {list(X.shape)} does not match the model's input {inp.name} "
                        f"{['N' if not isinstance(d, int) else d for d in inp.shape]}")
     target = None
+    if args.target is not None and not needs_target:
+        raise CLIError(f"--target applies to files exported with --outputs target; {args.model} explains "
+                       "the outputs chosen at export time")
     if needs_target:
         if args.target is None:
             raise CLIError(f"{args.model} was exported with --outputs target: pass --target INDEX")
@@ -902,8 +913,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.debug = debug
     if args.version:
-        from deepshap_opt import __version__
+        try:
+            from deepshap_opt import __version__
+        except ImportError:      # a stale editable install can leave the package's __init__ unexecuted
+            from importlib.metadata import version
 
+            __version__ = version("deepshap-opt")
         print(f"{PROG} {__version__}")
         return 0
     if not args.command:

@@ -256,3 +256,17 @@ def test_onnx_op_table_covers_the_backend():
     assert handled <= set(table), sorted(handled - set(table))
     assert set(table) <= handled, sorted(set(table) - handled)
     assert all(canon in spec.OPS for canon in table.values()), [c for c in table.values() if c not in spec.OPS]
+
+
+def test_target_mode_and_reexport_error(files):
+    d = files["dir"]
+    r = cli("export", d / "cnn.onnx", "-b", d / "bg.npy", "-o", d / "t.onnx", "--outputs", "target")
+    assert r.returncode == 0, r.stderr
+    r = cli("explain", d / "t.onnx", "-i", d / "x.npy", "-o", d / "out_t")
+    assert r.returncode == 2 and "--target" in r.stderr
+    r = cli("explain", d / "t.onnx", "-i", d / "x.npy", "-o", d / "out_t", "--target", "3")
+    assert r.returncode == 0, r.stderr
+    assert _completeness(d / "out_t", files["f"], files["ef"], np.full((5, 1), 3)) < 1e-4
+    # an exported file is not a model to export again
+    r = cli("export", d / "t.onnx", "-b", d / "bg.npy", "-o", d / "t2.onnx")
+    assert r.returncode == 2 and "already has shap_values" in r.stderr and not (d / "t2.onnx").exists()
