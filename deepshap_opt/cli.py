@@ -74,11 +74,13 @@ def _load_npy(path: str, what: str) -> np.ndarray:
         raise CLIError(f"cannot read {what} {path}: {exc}") from exc
 
 
-def _float_bg(bg: np.ndarray, what: str = "background") -> np.ndarray:
+def _float_bg(bg: np.ndarray, what: str = "background", keep_float64: bool = False) -> np.ndarray:
+    """The background as floats: float64 becomes float32 (torch / Keras weights) unless keep_float64 (ONNX:
+    the backend matches the file's input type itself)."""
     if bg.ndim < 1 or bg.shape[0] < 1:
         raise CLIError(f"the {what} needs a leading axis of rows (M, *input_shape), got shape {bg.shape}")
     if bg.dtype == np.float64:
-        return bg.astype(np.float32)
+        return bg if keep_float64 else bg.astype(np.float32)
     if not np.issubdtype(bg.dtype, np.floating):
         return bg.astype(np.float32)
     return bg
@@ -155,7 +157,7 @@ def _one_line(exc: BaseException) -> str:
 # ============================================================================================ export
 def cmd_export(args) -> int:
     kind = _model_kind(args.model)
-    bg = _float_bg(_load_npy(args.background, "background"))
+    bg = _float_bg(_load_npy(args.background, "background"), keep_float64=kind == "onnx")
     outputs = _parse_outputs(args.outputs)
     try:
         import deepshap_opt.onnx as dso
@@ -729,7 +731,8 @@ def cmd_check(args) -> int:
             import deepshap_opt.onnx as dso
         except ImportError as exc:
             raise CLIError(f"checking through ONNX needs the onnx extra: {exc}") from exc
-        bg = _float_bg(_load_npy(args.background, "background")) if args.background else None
+        bg = _float_bg(_load_npy(args.background, "background"), keep_float64=kind == "onnx") \
+            if args.background else None
         if kind == "onnx":
             try:
                 proto = onnx.load(args.model)
