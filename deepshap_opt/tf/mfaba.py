@@ -155,13 +155,15 @@ class MFABA:
     def _bounds(self, x: tf.Tensor):
         lo = tf.cast(tf.convert_to_tensor(self.data_min), x.dtype)
         hi = tf.cast(tf.convert_to_tensor(self.data_max), x.dtype)
+        sample = tuple(x.shape[1:])
         try:
-            tf.broadcast_static_shape(lo.shape, x.shape[1:])
-            tf.broadcast_static_shape(hi.shape, x.shape[1:])
-        except ValueError as e:
+            fits = all(np.broadcast_shapes(tuple(b.shape), sample) == sample for b in (lo, hi))
+        except ValueError:
+            fits = False
+        if not fits:
             raise ValueError(f"data_min/data_max of shapes {tuple(lo.shape)}/{tuple(hi.shape)} do not "
                              "broadcast "
-                             f"to one sample's shape {tuple(x.shape[1:])}") from e
+                             f"to one sample's shape {sample}")
         if bool(tf.reduce_any(lo > hi)):
             raise ValueError("data_min must not exceed data_max")
         if bool(tf.reduce_any(x < lo) or tf.reduce_any(x > hi)):

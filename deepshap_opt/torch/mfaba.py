@@ -197,14 +197,16 @@ class MFABA:
     def _bounds(self, x: torch.Tensor):
         lo = torch.as_tensor(self.data_min, dtype=x.dtype, device=x.device)
         hi = torch.as_tensor(self.data_max, dtype=x.dtype, device=x.device)
+        sample = tuple(x.shape[1:])
         try:
             # numpy's check: torch.broadcast_shapes imports sympy on first use (~35 MB of host memory)
-            np.broadcast_shapes(tuple(lo.shape), tuple(x.shape[1:]))
-            np.broadcast_shapes(tuple(hi.shape), tuple(x.shape[1:]))
-        except ValueError as e:
+            fits = all(np.broadcast_shapes(tuple(b.shape), sample) == sample for b in (lo, hi))
+        except ValueError:
+            fits = False
+        if not fits:
             raise ValueError(f"data_min/data_max of shapes {tuple(lo.shape)}/{tuple(hi.shape)} do not "
                              "broadcast "
-                             f"to one sample's shape {tuple(x.shape[1:])}") from e
+                             f"to one sample's shape {sample}")
         if bool((lo > hi).any()):
             raise ValueError("data_min must not exceed data_max")
         below, above = x < lo, x > hi

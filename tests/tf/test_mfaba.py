@@ -120,6 +120,8 @@ def test_errors(model):
         mf.attribute(x, target=0.5)
     with pytest.raises(ValueError, match=r"\[data_min, data_max\]"):
         mf.attribute(x * 2 + 0.1)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        MFABA(model, data_max=np.ones((1, 1, 3))).attribute(x)
     with pytest.raises(TypeError, match="floating-point"):
         mf.attribute((x * 255).astype(np.uint8))
     with pytest.raises(TypeError, match="floating-point"):
