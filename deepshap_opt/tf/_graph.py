@@ -162,6 +162,7 @@ class GraphProgram:
                 dep.update(o.ref() for o in op.outputs)
             elif any(t.ref() in indep_input for t in ins) and op.type not in SHAPE_OPS:
                 indep_input.update(o.ref() for o in op.outputs)
+        indep_input -= explained
         self.dep = dep
         if self.output.ref() not in dep:
             raise ValueError("the model's output does not depend on the explained input(s)")
@@ -279,7 +280,7 @@ class GraphProgram:
             for _, t in dins:
                 r = region_of.get(t.ref())
                 if r is not None:
-                    if r not in regs:
+                    if not any(r is q for q in regs):
                         regs.append(r)
                     srcs.add(r["src"].ref())
                 else:
@@ -295,7 +296,7 @@ class GraphProgram:
                     base["ops"].extend(r["ops"])
                     for o in r["ops"]:
                         region_of[o.outputs[0].ref()] = base
-                    regions.remove(r)
+                    regions[:] = [q for q in regions if q is not r]
             else:
                 base = {"src": src, "ops": []}
                 regions.append(base)

@@ -70,3 +70,12 @@ def pair_multipliers(g2, a_x, a_r, b_x, b_r, eps: float = PAIR_EPS):
 
 
 MAXLIKE_EPS = MAXPOOL_EPS
+
+
+def _rescale_apply(g, s_x, s_r, y_x, y_r, dfx):
+    d = s_x - s_r
+    return g * tf.where(tf.abs(d) < RESCALE_EPS, dfx, (y_x - y_r) / d)
+
+
+#: g · m of the rescale rule fused into one XLA loop (no (n, m, ...) temporaries); inputs broadcast
+rescale_apply = tf.function(_rescale_apply, jit_compile=True, autograph=False, reduce_retracing=False)

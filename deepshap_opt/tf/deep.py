@@ -49,6 +49,48 @@ def _to_array(x, what: str):
     return a
 
 
+def _dim(t, i):
+    d = t.shape[i]
+    return int(d) if d is not None else tf.shape(t)[i]
+
+
+class _Pairs:
+    """Reshaping between explicand (n, ...), reference (m, ...) and pair rows (n*m, ...) / (n, m, ...)."""
+
+    def __init__(self, n, m):
+        self.n, self.m = n, m
+
+    @staticmethod
+    def _rest(t, k):
+        shape = t.shape.as_list()[k:]
+        return shape if all(d is not None for d in shape) else tf.shape(t)[k:]
+
+    def _cat(self, head, rest):
+        if isinstance(rest, list) and all(isinstance(h, int) for h in head):
+            return head + rest
+        return tf.concat([tf.stack(head), rest], 0)
+
+    def rows_shape(self, x):
+        return self._cat([self.n * self.m], self._rest(x, 1))
+
+    def bx(self, t):
+        return tf.expand_dims(t, 1)
+
+    def br(self, t):
+        return tf.expand_dims(t, 0)
+
+    def flat(self, t):
+        return tf.reshape(t, self._cat([self.n * self.m], self._rest(t, 2)))
+
+    def unflat(self, t):
+        return tf.reshape(t, self._cat([self.n, self.m], self._rest(t, 1)))
+
+    def pairs(self, x, r):
+        xs = tf.broadcast_to(self.bx(x), self._cat([self.n, self.m], self._rest(x, 1)))
+        rs = tf.broadcast_to(self.br(r), self._cat([self.n, self.m], self._rest(r, 1)))
+        return self.flat(xs), self.flat(rs)
+
+
 class DeepExplainer(ExplainerBase):
     """Drop-in for ``shap.DeepExplainer`` on Keras 3 / TF 2 models, computed with cached references.
 
@@ -168,8 +210,12 @@ class DeepExplainer(ExplainerBase):
         self._vector_out = out.shape.rank == 1
         self.num_outputs = 1 if self._vector_out else int(out.shape[1])
         self._variables = list(cf.variables) if hasattr(cf, "variables") else []
-        self._fwd = tf.function(self._fwd_impl, autograph=False, reduce_retracing=True)
-        self._bwd = tf.function(self._bwd_impl, autograph=False)
+        self._fwd = tf.function(lambda *xs: self._fwd_impl(*xs, derivatives=True), autograph=False,
+                                reduce_retracing=True)
+        self._fwd_ref = tf.function(lambda *xs: self._fwd_impl(*xs, derivatives=False), autograph=False,
+                                    reduce_retracing=True)
+        # traced per chunk shape (static shapes let grappler drop the surrogate's forward values)
+        self._bwd = tf.function(self._bwd_impl, autograph=False, reduce_retracing=False)
         self._fp_fn = tf.function(self._fingerprint_impl, autograph=False)
 
     # -- forward (explicands and references) -----------------------------------------------------------
@@ -177,7 +223,7 @@ class DeepExplainer(ExplainerBase):
         """The graph tensors whose values a site needs (the rescale output is recomputed, not cached)."""
         return list(site.inputs)
 
-    def _fwd_impl(self, *xs):
+    def _fwd_impl(self, *xs, derivatives=True):
         prog = self.prog
         env = prog.run({t.ref(): x for t, x in zip(prog.model_inputs, xs)})
         out = prog.value(env, prog.output)
@@ -186,7 +232,7 @@ class DeepExplainer(ExplainerBase):
         vals, dfs = [], []
         for site in prog.sites:
             vals.append([prog.value(env, t) for t in site.inputs])
-            if site.kind == "rescale":
+            if site.kind == "rescale" and derivatives:
                 s, y = prog.value(env, site.inputs[0]), prog.value(env, site.output)
                 d = tf.gradients(y, s)[0]
                 dfs.append(tf.zeros_like(s) if d is None else d)
@@ -196,12 +242,11 @@ class DeepExplainer(ExplainerBase):
     def _fingerprint_impl(self):
         parts = []
         for v in self._variables:
-            x = tf.cast(tf.reshape(v, [-1]), tf.float64) if v.dtype.is_floating or v.dtype.is_integer else None
-            if x is None:
+            if not (v.dtype.is_floating or v.dtype.is_integer):
                 continue
-            w = tf.range(1, tf.size(x) + 1, dtype=tf.float64) * 1e-3
-            parts.append(tf.stack([tf.reduce_sum(x), tf.reduce_sum(x * x), tf.reduce_sum(x * tf.sin(w))]))
-        return tf.concat(parts, 0) if parts else tf.zeros([0], tf.float64)
+            x = tf.cast(v, tf.float32)
+            parts.append(tf.stack([tf.reduce_sum(x), tf.reduce_sum(tf.abs(x))]))
+        return tf.concat(parts, 0) if parts else tf.zeros([0], tf.float32)
 
     def _fingerprint(self):
         return self._fp_fn().numpy() if self._variables else np.zeros(0)
@@ -212,7 +257,7 @@ class DeepExplainer(ExplainerBase):
     def _build_cache(self):
         outs, expl, vals = [], [], []
         for a, b in self._chunks(self.M, max(self.batch_size, 1)):
-            o, e, v, _ = self._fwd(*[tf.convert_to_tensor(d[a:b]) for d in self.data])
+            o, e, v, _ = self._fwd_ref(*[tf.convert_to_tensor(d[a:b]) for d in self.data])
             outs.append(o)
             expl.append(e)
             vals.append(v)
@@ -230,40 +275,30 @@ class DeepExplainer(ExplainerBase):
 
     # -- backward over explicand × reference pairs -----------------------------------------------------
     def _bwd_impl(self, expl_x, expl_r, vals_x, dfs_x, vals_r, idx):
-        """Σ over the chunk's references of multiplier × (x − r), for output idx[i] of row i: (n, *in)."""
+        """Σ over the chunk's references of multiplier × (x − r), for output idx[i] of row i: (n, *in).
+
+        The graph is re-run on zeros with every site replaced by a tf.custom_gradient function; each
+        rule's multipliers are computed inside its gradient function (after the upstream gradient
+        exists, so only a few sites' multipliers are alive at a time) from the explicand values
+        (n, ...) and the cached reference values (m, ...), broadcast as (n, 1, ...) vs (1, m, ...).
+        """
         prog = self.prog
-        n = tf.shape(expl_x[0])[0]
-        m = tf.shape(expl_r[0])[0]
-
-        def bx(t):   # (n, ...) -> (n, 1, ...)
-            return tf.expand_dims(t, 1)
-
-        def br(t):   # (m, ...) -> (1, m, ...)
-            return tf.expand_dims(t, 0)
-
-        def flat(t):  # (n, m, ...) -> (n*m, ...)
-            return tf.reshape(t, tf.concat([[n * m], tf.shape(t)[2:]], 0))
-
-        def pairs(x, r):  # broadcast (n, m, ...) then flatten
-            full = tf.broadcast_to(bx(x), tf.concat([[n, m], tf.shape(x)[1:]], 0))
-            return flat(full), flat(tf.broadcast_to(br(r), tf.concat([[n, m], tf.shape(r)[1:]], 0)))
-
+        n, m = _dim(expl_x[0], 0), _dim(expl_r[0], 0)
+        ctx = _Pairs(n, m)
         hooks = {}
         dfi = 0
         for si, site in enumerate(prog.sites):
             vx, vr = vals_x[si], vals_r[si]
             if site.kind == "rescale":
-                hooks[id(site.op)] = self._rescale_hook(site, vx[0], vr[0], dfs_x[dfi], bx, br, flat)
+                hooks[id(site.op)] = self._rescale_hook(site, vx[0], vr[0], dfs_x[dfi], ctx)
                 dfi += 1
             elif site.kind == "maxlike":
-                hooks[id(site.op)] = self._maxlike_hook(site, vx[0], vr[0], pairs)
+                hooks[id(site.op)] = self._maxlike_hook(site, vx[0], vr[0], ctx)
             elif site.kind in ("softmax", "log_softmax"):
-                hooks[id(site.op)] = self._softmax_hook(site, vx[0], vr[0], bx, br, flat)
-            elif site.kind == "bilinear":
-                hooks[id(site.op)] = self._bilinear_hook(site, vx, vr, bx, br, flat)
-            elif site.kind == "pair":
-                hooks[id(site.op)] = self._pair_hook(site, vx, vr, bx, br, flat)
-        zs = [tf.zeros(tf.concat([[n * m], tf.shape(x)[1:]], 0), x.dtype) for x in expl_x]
+                hooks[id(site.op)] = self._softmax_hook(site, vx[0], vr[0], ctx)
+            elif site.kind in ("bilinear", "pair"):
+                hooks[id(site.op)] = self._binary_hook(site, vx, vr, ctx)
+        zs = [tf.zeros(ctx.rows_shape(x), x.dtype) for x in expl_x]
         feeds = {t.ref(): z for t, z in zip(prog.explained, zs)}
         for t, x in zip(prog.model_inputs, self._surrogate_inputs(n * m)):
             if t.ref() not in feeds:
@@ -272,20 +307,19 @@ class DeepExplainer(ExplainerBase):
         out = prog.value(env, prog.output)
         if self._vector_out:
             out = out[:, None]
-        seed = tf.one_hot(tf.repeat(idx, m), tf.shape(out)[1], dtype=out.dtype)
+        seed = tf.one_hot(tf.repeat(idx, m), self.num_outputs, dtype=out.dtype)
         grads = tf.gradients(out, zs, grad_ys=seed)
         phis = []
         for g, x, r, z in zip(grads, expl_x, expl_r, zs):
             if g is None:
                 g = tf.zeros_like(z)
-            g = tf.reshape(g, tf.concat([[n, m], tf.shape(x)[1:]], 0))
-            phis.append(tf.reduce_sum(g * (bx(x) - br(r)), axis=1))
+            g = ctx.unflat(g)
+            phis.append(tf.reduce_sum(g * (ctx.bx(x) - ctx.br(r)), axis=1))
         return phis
 
     def _surrogate_inputs(self, rows):
         # model inputs the surrogate still reads (only for shapes, checked by the analysis): zeros
-        return [tf.zeros(tf.concat([[rows], tf.constant(s, tf.int32)], 0) if s else [rows], d)
-                for s, d in zip([list(s) for s in self._row_shapes], self._in_dtypes)]
+        return [tf.zeros([rows] + list(s), d) for s, d in zip(self._row_shapes, self._in_dtypes)]
 
     @property
     def _surrogate_ops(self):
@@ -310,34 +344,14 @@ class DeepExplainer(ExplainerBase):
         self.prog.run(env, ops=[op], env=env)
         return env
 
-    def _rescale_hook(self, site, sx, sr, dfx, bx, br, flat):
-        prog = self
-        yx = self._recompute_output(site, sx)
-        yr = self._recompute_output(site, sr)
-        mult = flat(_rules.rescale_multiplier(bx(sx), br(sr), bx(yx), br(yr), bx(dfx), RESCALE_EPS))
+    def _zeros_out(self, site, ctx, like):
+        shape = site.output.shape
+        if shape.rank is not None and all(d is not None for d in shape.as_list()[1:]):
+            return tf.zeros([ctx.n * ctx.m] + shape.as_list()[1:], site.output.dtype)
+        return like()
 
-        def hook(env):
-            x = prog.prog.value(env, site.inputs[0])
-
-            @tf.custom_gradient
-            def rule(z):
-                return tf.identity(z), lambda g: g * mult
-
-            env[site.output.ref()] = rule(x)
-        return hook
-
-    def _maxlike_hook(self, site, xin, rin, pairs):
+    def _rescale_hook(self, site, sx, sr, dfx, ctx):
         prog = self.prog
-        op = site.op
-        yx = self._run_single(op, {site.inputs[0].ref(): xin})
-        yx = prog.value(yx, site.output)
-        yr = prog.value(self._run_single(op, {site.inputs[0].ref(): rin}), site.output)
-        xb, rb = pairs(xin, rin)
-        yxb, yrb = pairs(yx, yr)
-        is_min = op.type == "Min"
-
-        def apply(v):
-            return prog.value(self._run_single(op, {site.inputs[0].ref(): v}), site.output)
 
         def hook(env):
             x = prog.value(env, site.inputs[0])
@@ -345,30 +359,55 @@ class DeepExplainer(ExplainerBase):
             @tf.custom_gradient
             def rule(z):
                 def grad(g):
-                    c = tf.minimum(yxb, yrb) if is_min else tf.maximum(yxb, yrb)
-                    ox, orr = apply(xb), apply(rb)
-                    routed = tf.gradients(ox, xb, grad_ys=g * (c - yrb))[0] + \
-                        tf.gradients(orr, rb, grad_ys=g * (yxb - c))[0]
-                    d = xb - rb
-                    small = tf.abs(d) < MAXPOOL_EPS
-                    return tf.where(small, tf.zeros_like(d), routed / tf.where(small, tf.ones_like(d), d))
-                return apply(z), grad
+                    with tf.control_dependencies([g]):
+                        yx, yr = self._recompute_output(site, sx), self._recompute_output(site, sr)
+                        return ctx.flat(_rules.rescale_apply(ctx.unflat(g), ctx.bx(sx), ctx.br(sr), ctx.bx(yx),
+                                                             ctx.br(yr), ctx.bx(dfx)))
+                return tf.identity(z), grad
 
             env[site.output.ref()] = rule(x)
         return hook
 
-    def _softmax_hook(self, site, zx, zr, bx, br, flat):
+    def _maxlike_hook(self, site, xin, rin, ctx):
         prog = self.prog
-        if site.kind == "softmax":
-            u, v, px, pr = (flat(t) for t in _rules.softmax_coefficients(bx(zx), br(zr), RESCALE_EPS))
+        op = site.op
+        src = site.inputs[0]
+        is_min = op.type == "Min"
 
-            def grad_fn(g):
-                return _rules.softmax_grad(g, u, v, px, pr)
-        else:
-            w = flat(_rules.log_softmax_weights(bx(zx), br(zr), RESCALE_EPS))
+        def apply(v):
+            return prog.value(self._run_single(op, {src.ref(): v}), site.output)
 
-            def grad_fn(g):
-                return g - tf.reduce_sum(g, axis=-1, keepdims=True) * w
+        def hook(env):
+            x = prog.value(env, src)
+
+            @tf.custom_gradient
+            def rule(z):
+                def grad(g):
+                    with tf.control_dependencies([g]):
+                        xb, rb = ctx.pairs(xin, rin)
+                        yxb, yrb = apply(xb), apply(rb)
+                        c = tf.minimum(yxb, yrb) if is_min else tf.maximum(yxb, yrb)
+                        routed = tf.gradients(yxb, xb, grad_ys=g * (c - yrb))[0] + \
+                            tf.gradients(yrb, rb, grad_ys=g * (yxb - c))[0]
+                        d = xb - rb
+                        small = tf.abs(d) < MAXPOOL_EPS
+                        return tf.where(small, tf.zeros_like(d), routed / tf.where(small, tf.ones_like(d), d))
+                return self._zeros_out(site, ctx, lambda: apply(z)), grad
+
+            env[site.output.ref()] = rule(x)
+        return hook
+
+    def _softmax_hook(self, site, zx, zr, ctx):
+        prog = self.prog
+
+        def grad_fn(g):
+            with tf.control_dependencies([g]):
+                g5 = ctx.unflat(g)
+                if site.kind == "softmax":
+                    u, v, px, pr = _rules.softmax_coefficients(ctx.bx(zx), ctx.br(zr), RESCALE_EPS)
+                    return ctx.flat(_rules.softmax_grad(g5, u, v, px, pr))
+                w = _rules.log_softmax_weights(ctx.bx(zx), ctx.br(zr), RESCALE_EPS)
+                return ctx.flat(g5 - tf.reduce_sum(g5, axis=-1, keepdims=True) * w)
 
         def hook(env):
             x = prog.value(env, site.inputs[0])
@@ -384,30 +423,36 @@ class DeepExplainer(ExplainerBase):
         """Re-run site.op with the inputs at `override` positions replaced; the others from env."""
         return self.prog.exec_op(site.op, dict(env), override=override)[0]
 
-    def _bilinear_hook(self, site, vx, vr, bx, br, flat):
+    def _binary_hook(self, site, vx, vr, ctx):
+        """Bilinear (VJPs at the operand means) and Shapley-pair sites: two varying operands."""
         (pa, pb) = site.positions
-        abar = flat(0.5 * (bx(vx[0]) + br(vr[0])))
-        bbar = flat(0.5 * (bx(vx[1]) + br(vr[1])))
+        prog = self.prog
 
         def hook(env):
-            a, b = (self.prog.value(env, t) for t in site.inputs)
-            z1 = self._clone_with(env, site, {pa: a, pb: tf.stop_gradient(bbar)})
-            z2 = self._clone_with(env, site, {pa: tf.stop_gradient(abar), pb: b})
-            env[site.output.ref()] = z1 + z2
-        return hook
+            a, b = (prog.value(env, t) for t in site.inputs)
 
-    def _pair_hook(self, site, vx, vr, bx, br, flat):
-        (pa, pb) = site.positions
+            @tf.custom_gradient
+            def rule(a_, b_):
+                def grad(g):
+                    with tf.control_dependencies([g]):
+                        if site.kind == "bilinear":
+                            abar = ctx.flat(0.5 * (ctx.bx(vx[0]) + ctx.br(vr[0])))
+                            bbar = ctx.flat(0.5 * (ctx.bx(vx[1]) + ctx.br(vr[1])))
+                            zz = self._clone_with(env, site, {pa: abar, pb: bbar})
+                            ga, gb = tf.gradients(zz, [abar, bbar], grad_ys=g)
+                        else:
+                            def g2(p, q):
+                                return self._clone_with(env, site, {pa: p, pb: q})
 
-        def g2(a, b):
-            return self._clone_with({}, site, {pa: a, pb: b})
+                            ma, mb = _rules.pair_multipliers(g2, ctx.bx(vx[0]), ctx.br(vr[0]), ctx.bx(vx[1]),
+                                                             ctx.br(vr[1]))
+                            pa0, pb0 = tf.zeros_like(a_), tf.zeros_like(b_)
+                            lin = pa0 * tf.stop_gradient(ctx.flat(ma)) + pb0 * tf.stop_gradient(ctx.flat(mb))
+                            ga, gb = tf.gradients(lin, [pa0, pb0], grad_ys=g)
+                        return ga, gb
+                return self._zeros_out(site, ctx, lambda: self._clone_with(env, site, {pa: a_, pb: b_})), grad
 
-        ma, mb = _rules.pair_multipliers(g2, bx(vx[0]), br(vr[0]), bx(vx[1]), br(vr[1]))
-        ma, mb = flat(ma), flat(mb)
-
-        def hook(env):
-            a, b = (self.prog.value(env, t) for t in site.inputs)
-            env[site.output.ref()] = a * tf.stop_gradient(ma) + b * tf.stop_gradient(mb)
+            env[site.output.ref()] = rule(a, b)
         return hook
 
     # -- the public computation -----------------------------------------------------------------------

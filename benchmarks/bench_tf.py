@@ -1,0 +1,177 @@
+"""Benchmark deepshap_opt.tf.DeepExplainer against shap 0.51's TF DeepExplainer and the floor.
+
+Each (model, method, outputs) case runs in a fresh subprocess, so peak memory (``ru_maxrss``) is that case's
+alone. Methods:
+  ours   deepshap_opt.tf.DeepExplainer: construction (trace + reference forward) and one warm call
+  shap   shap.DeepExplainer (TF): construction and one call
+  floor  one forward of the N explicands + one ordinary input-gradient pass (tf.GradientTape, forward and
+         backward) of the explained output(s) over the N x M explicand-reference rows, in chunks of
+         ``batch_size`` rows (one backward per output)
+
+Usage:
+  python benchmarks/bench_tf.py                                  # the full run (four models, top-1)
+  python benchmarks/bench_tf.py --models MobileNetV2 --size 96 --n 2 --m 8 --outputs all --classes 10
+Writes a Markdown table to stdout and (with --json) the raw results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+MODELS = ["VGG19", "ResNet50", "DenseNet201", "EfficientNetB0", "MobileNetV2"]
+
+
+def _child(args):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import resource
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import numpy as np
+    import tensorflow as tf
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, args.model)(weights=None, input_shape=(args.size, args.size, 3),
+                                                    classes=args.classes)
+    rng = np.random.default_rng(0)
+    bg = rng.uniform(0, 1, size=(args.m, args.size, args.size, 3)).astype("float32")
+    X = rng.uniform(0, 1, size=(args.n, args.size, args.size, 3)).astype("float32")
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ranked = 1 if args.outputs == "top1" else None
+    res = {"model": args.model, "method": args.method, "outputs": args.outputs, "rss_before_mb": rss0}
+    try:
+        if args.method == "ours":
+            from deepshap_opt.tf import DeepExplainer
+
+            t = time.perf_counter()
+            e = DeepExplainer(model, bg, batch_size=args.batch_size)
+            res["init_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            e.shap_values(X[:1], ranked_outputs=1, check_additivity=False)       # trace both steps
+            res["warmup_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            out = e.shap_values(X, ranked_outputs=ranked, check_additivity=True)
+            res["explain_s"] = time.perf_counter() - t
+            vals = out[0] if ranked else out
+            res["shape"] = list(np.shape(vals))
+        elif args.method == "shap":
+            import shap
+
+            t = time.perf_counter()
+            e = shap.DeepExplainer(model, bg)
+            res["init_s"] = time.perf_counter() - t
+            t = time.perf_counter()
+            out = e.shap_values(X, ranked_outputs=ranked, check_additivity=False)
+            res["explain_s"] = time.perf_counter() - t
+            vals = out[0] if ranked else out
+            res["shape"] = list(np.shape(vals))
+        else:
+            fwd = tf.function(lambda x: model(x, training=False))
+            k_all = args.classes
+
+            @tf.function
+            def grad(x, k):
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    y = tf.gather(model(x, training=False), k, axis=1)
+                return tape.gradient(y, x)
+
+            rows = np.repeat(X, args.m, 0)
+            bs = args.batch_size
+            ks = [0] if args.outputs == "top1" else list(range(k_all))
+            fwd(tf.constant(X))
+            grad(tf.constant(rows[:bs]), tf.constant(0))                          # trace
+            t = time.perf_counter()
+            fwd(tf.constant(X)).numpy()
+            for k in ks:
+                for a in range(0, len(rows), bs):
+                    grad(tf.constant(rows[a:a + bs]), tf.constant(k)).numpy()
+            res["explain_s"] = time.perf_counter() - t
+    except Exception as e:  # noqa: BLE001 - report failures (e.g. shap's LookupError) in the table
+        msg = str(e).splitlines() or [""]
+        inner = [ln.strip() for ln in msg if "Error" in ln]           # tf.function wraps the real error
+        res["error"] = (inner[-1] if inner else f"{type(e).__name__}: {msg[0]}")[:140]
+    res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def _run_case(base, model, method, outputs, timeout):
+    cmd = [sys.executable, __file__, "--child", "--model", model, "--method", method, "--outputs", outputs] + base
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"model": model, "method": method, "outputs": outputs, "error": f"timeout after {timeout}s"}
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"model": model, "method": method, "outputs": outputs,
+            "error": f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1][:160] if p.stderr.strip() else ''}"}
+
+
+def _table(results, args):
+    lines = [f"N={args.n}, M={args.m}, {args.size}x{args.size}, weights=None, classes={args.classes}, "
+             f"batch_size={args.batch_size}, {os.cpu_count()} CPU cores", "",
+             "| model | outputs | floor s | ours s | ours / floor | shap s | shap / ours | ours peak MB | "
+             "shap peak MB | ours / shap peak |", "|---|---|---|---|---|---|---|---|---|---|"]
+    by = {(r["model"], r["method"], r["outputs"]): r for r in results}
+    for model in args.models:
+        for outputs in args.outputs_list:
+            f, o, s = (by.get((model, m, outputs), {}) for m in ("floor", "ours", "shap"))
+
+            def t(r):
+                return f"{r['explain_s']:.1f}" if "explain_s" in r else r.get("error", "-")
+
+            def ratio(a, b):
+                return f"{a['explain_s'] / b['explain_s']:.2f}" if "explain_s" in a and "explain_s" in b else "-"
+
+            def mem(r):
+                return f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r and "error" not in r else "-"
+
+            mr = f"{o['peak_rss_mb'] / s['peak_rss_mb']:.2f}" if mem(o) != "-" and mem(s) != "-" else "-"
+            lines.append(f"| {model} | {outputs} | {t(f)} | {t(o)} | {ratio(o, f)} | {t(s)} | {ratio(s, o)} | "
+                         f"{mem(o)} | {mem(s)} | {mr} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["VGG19", "ResNet50", "DenseNet201", "EfficientNetB0"])
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--m", type=int, default=32)
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--outputs", default="top1", help="top1, all, or top1,all")
+    ap.add_argument("--methods", default="floor,ours,shap")
+    ap.add_argument("--timeout", type=int, default=3600)
+    ap.add_argument("--json", default=None, help="also write the raw results here")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--model", help=argparse.SUPPRESS)
+    ap.add_argument("--method", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        return _child(args)
+    args.outputs_list = args.outputs.split(",")
+    base = ["--size", str(args.size), "--n", str(args.n), "--m", str(args.m), "--classes", str(args.classes),
+            "--batch-size", str(args.batch_size)]
+    results = []
+    for model in args.models:
+        for outputs in args.outputs_list:
+            for method in args.methods.split(","):
+                r = _run_case(base, model, method, outputs, args.timeout)
+                print(json.dumps(r), file=sys.stderr, flush=True)
+                results.append(r)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+    print(_table(results, args))
+
+
+if __name__ == "__main__":
+    main()
