@@ -609,7 +609,11 @@ def _torch_rule(name: str, n_varying: int) -> tuple[str, str, str]:
     if base in T.SOFTMAX:
         return "ok", _rule_name(T.SOFTMAX[base]), T.SOFTMAX[base]
     if base in T.DECOMPOSE:
-        return "ok", "decomposed", f"{base} (into the rules above)"
+        from deepshap_opt.rules import spec
+
+        if base in spec.OPS:                    # layer_norm, group_norm, ...: a rule of their own
+            return "ok", spec.OPS[base].name, f"{base} (decomposed exactly)"
+        return "ok", "decomposed", f"{base} (rewritten into ops with rules)"
     if base in T.PASSTHROUGH:
         return "meta", "—", "metadata"
     if base in T.TAINT:
@@ -682,8 +686,14 @@ def _torchscript_listing(path: str):
             kind = node.kind()
             ins = [v.debugName() for v in node.inputs()]
             nv = sum(1 for v in ins if v in var)
-            for sub in node.blocks():
+            blocks = list(node.blocks())
+            for sub in blocks:
                 walk(sub)
+            if blocks and any(v.debugName() in var for b in blocks for v in b.outputs()):
+                var.update(v.debugName() for v in node.outputs())
+                rows.append((kind, _ts_where(node), "structural", "—",
+                             "control flow: one path per call (explicands and references must take the same one)"))
+                continue
             if nv == 0:
                 if kind.startswith("aten::"):
                     rows.append((kind, _ts_where(node), "constant", "—", "(does not depend on the input)"))
