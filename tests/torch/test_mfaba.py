@@ -74,6 +74,8 @@ def test_matches_per_sample_reference(variant, alpha, use_softmax, early_stop):
     A = MFABA(model, **kw).attribute(x)
     R = reference_mfaba(model, x, target, variant, 30, alpha, 0.05, 0.0, 1.0, use_softmax, early_stop)
     assert A.shape == x.shape and A.dtype == x.dtype
+    # every coordinate moves against its gradient (clipping shortens moves, never reverses them)
+    assert bool((A >= 0).all())
     scale = R.abs().max()
     assert scale > 0
     torch.testing.assert_close(A, R, rtol=1e-5, atol=1e-5 * float(scale))
