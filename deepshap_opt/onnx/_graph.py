@@ -659,10 +659,11 @@ class ExplanationBuilder:
         X4, Y4, R4, FR4 = self.X4(x), self.X4(y), self.R4(x), self.R4(y)
         d = b.sub(X4, R4)
         dy = b.sub(Y4, FR4)
-        small = b.op("Less", [b.abs(d), self.fc(spec.RESCALE_EPS, x)])
-        safe = b.where(small, self.fc(1.0, x), d)
+        # m = dy/d, or f'(x) where |d| < eps, written without Where (slow in onnxruntime):
+        # z = [|d| < eps]; m = (dy + f'(x)·z) / (d + z)  (= f'(x)(1 + O(d)) where z = 1, exactly f'(x) at d = 0)
+        z = b.cast(b.op("Less", [b.abs(d), self.fc(spec.RESCALE_EPS, x)]), helper.np_dtype_to_tensor_dtype(self.fdt(x)))
         fp = self.deriv(node, kind, X4, Y4, x)
-        m = b.where(small, fp, b.div(dy, safe))
+        m = b.div(b.add(dy, b.mul(fp, z)), b.add(d, z))
         G4 = self.to4(G, p.rest[y])
         g = self.flat(b.mul(G4, m), p.rest[y])
         return self.reduce_to(g, p.rest[y], p.rest[x])
@@ -991,8 +992,9 @@ class ExplanationBuilder:
     def _divide_delta(self, routed4, x, eps):
         b = self.b
         d = b.sub(self.X4(x), self.R4(x))
-        small = b.op("Less", [b.abs(d), self.fc(eps, x)])
-        return b.where(small, self.fc(0.0, x), b.div(routed4, b.where(small, self.fc(1.0, x), d)))
+        # routed/d, 0 where |d| < eps, without Where: z = [|d| < eps]; routed·(1 − z)/(d + z)
+        z = b.cast(b.op("Less", [b.abs(d), self.fc(eps, x)]), helper.np_dtype_to_tensor_dtype(self.fdt(x)))
+        return b.div(b.mul(routed4, b.sub(self.fc(1.0, x), z)), b.add(d, z))
 
     def global_maxpool_rule(self, node, G):
         r = len(self.plan.rest[node.input[0]]) + 1
