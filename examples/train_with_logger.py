@@ -86,11 +86,13 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--every", type=int, default=20, help="log every N optimizer steps")
     ap.add_argument("--method", default="deepshap", choices=["deepshap", "mfaba"])
+    ap.add_argument("--train-size", type=int, default=1500, help="training rows used (at most 1500)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
     x_train, y_train, x_test, y_test = load()
+    x_train, y_train = x_train[:args.train_size], y_train[:args.train_size]
     x_short = with_shortcut(x_train, y_train)
     torch.manual_seed(0)
     model = digits_cnn()
