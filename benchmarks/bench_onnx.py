@@ -225,10 +225,10 @@ def table(results, a) -> str:
     lines = ["| model | floor (s) | shap torch (s) | ours torch (s) | onnx one-shot (s) | onnx / floor | "
              "onnx / ours torch | speed-up vs shap | file (MB) | onnx peak RSS (MB) | onnx session init (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    f = lambda v, p=2: "—" if v is None else f"{v:.{p}f}"  # noqa: E731
+    f = lambda v, p=2: "—" if v is None else f"{v:.{p}f}"
     for r in results:
         fl, sh, ot, on = (lat(r, k) for k in ("floor", "shap", "ours_torch", "onnx"))
-        ratio = lambda u, v: None if (u is None or v is None) else u / v  # noqa: E731
+        ratio = lambda u, v: None if (u is None or v is None) else u / v
         lines.append(f"| {r['model']} | {f(fl)} | {f(sh)} | {f(ot)} | {f(on)} | {f(ratio(on, fl))} | "
                      f"{f(ratio(on, ot))} | {f(ratio(sh, on), 1)}× | {f(r.get('export', {}).get('file_mb'), 1)} | "
                      f"{f(r.get('onnx', {}).get('peak_rss_mb'), 0)} | {f(r.get('onnx', {}).get('init_s'))} |")

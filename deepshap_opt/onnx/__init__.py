@@ -19,7 +19,7 @@ import numpy as np
 
 from ._convert import load_model, to_numpy_list
 
-__all__ = ["export", "build", "DeepExplainer"]
+__all__ = ["DeepExplainer", "build", "export"]
 
 #: protobuf's limit; above it the initializers go to an external data file next to the .onnx file
 _PROTO_LIMIT = 2_000_000_000

@@ -671,7 +671,7 @@ class ExplanationBuilder:
     def deriv(self, node, kind, X, Y, x) -> str:
         """f'(x) at the explicand, (N,1,1,*rest), as ONNX ops."""
         b, A = self.b, _attrs(node)
-        c = lambda v: self.fc(v, x)  # noqa: E731
+        c = lambda v: self.fc(v, x)
         one, zero = c(1.0), c(0.0)
         gt0 = b.op("Greater", [X, zero])
         if kind == "relu":
@@ -913,7 +913,7 @@ class ExplanationBuilder:
         p, b = self.plan, self.b
         a, c = node.input
         y = node.output[0]
-        ra, ry = len(p.rest[a]) + 1 if a in p.var else None, len(p.rest[y]) + 1
+        ra = len(p.rest[a]) + 1 if a in p.var else None
 
         def swap(t, rank):
             perm = list(range(rank))
@@ -1013,7 +1013,7 @@ class ExplanationBuilder:
             if A.get("noop_with_empty_axes", 0):
                 return G
             axes = list(range(r))
-        axes = sorted(set(a % r for a in axes))
+        axes = sorted({a % r for a in axes})
         if 0 in axes:
             raise UnsupportedOperatorError(node.op_type, _where(node), "a reduction over the batch axis")
         return self._reduce_extreme(node, G, axes, bool(A.get("keepdims", 1)), is_min=node.op_type == "ReduceMin")
@@ -1084,7 +1084,7 @@ class ExplanationBuilder:
 
     def reduce_rule(self, node, G):
         p, b = self.plan, self.b
-        x, y = node.input[0], node.output[0]
+        x = node.input[0]
         A = _attrs(node)
         r = len(p.rest[x]) + 1
         if len(node.input) > 1 and node.input[1]:
@@ -1113,7 +1113,7 @@ class ExplanationBuilder:
 
     def softmax_rule(self, node, G, log: bool):
         p, b = self.plan, self.b
-        x, y = node.input[0], node.output[0]
+        x = node.input[0]
         A = _attrs(node)
         rest = p.rest[x]
         ax = A.get("axis", -1) % (len(rest) + 1)
@@ -1149,7 +1149,7 @@ class ExplanationBuilder:
     # --- normalization: mean (linear), centre (linear), var (rescale on square), rsqrt (rescale), product (bilinear)
     def norm_rule(self, node, G):
         p, b = self.plan, self.b
-        x, y = node.input[0], node.output[0]
+        x = node.input[0]
         A = _attrs(node)
         rest = p.rest[x]
         r = len(rest) + 1

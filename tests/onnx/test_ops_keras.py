@@ -11,9 +11,9 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 pytest.importorskip("tf2onnx")
 
-import deepshap_opt.onnx as dso  # noqa: E402
+from _onnx_util import completeness_error, run
 
-from _onnx_util import completeness_error, run  # noqa: E402
+import deepshap_opt.onnx as dso
 
 L = keras.layers
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from _onnx_util import completeness_error, run
 from onnx import TensorProto, helper, numpy_helper
 
 import deepshap_opt.onnx as dso
 from deepshap_opt import UnsupportedOperatorError
 from deepshap_opt.rules import reference as ref
-
-from _onnx_util import completeness_error, run
 
 OPSET = 20
 

@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 F = torch.nn.functional
 
-import deepshap_opt.onnx as dso  # noqa: E402
+from _onnx_util import completeness_error, run, torch_backend
 
-from _onnx_util import completeness_error, run, torch_backend  # noqa: E402
+import deepshap_opt.onnx as dso
 
 IMG, VEC, SEQ = (3, 6, 6), (8,), (4, 6)
 
