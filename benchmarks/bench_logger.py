@@ -122,7 +122,7 @@ def main(argv=None):
     for r in rows:
         print(f"{r['method']:<9} {r['steps']:>5} {r['every']:>5} {r['logs']:>4} {r['train_s']:>8.2f} "
               f"{r['with_logger_s']:>9.2f} {r['wall_overhead_pct']:>10.1f} {r['in_hook_pct']:>9.1f} "
-              f"{r['seconds_per_log']:>6.3f} {str(r['bit_identical']):>13}")
+              f"{r['seconds_per_log']:>6.3f} {r['bit_identical']!s:>13}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(rows=rows, load_average=load, argv=sys.argv[1:]), fh, indent=1)

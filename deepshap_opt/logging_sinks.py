@@ -33,15 +33,29 @@ import socket
 import struct
 import time
 import zlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 __all__ = [
-    "AttributionRecord", "DriftTracker", "RecordBuilder", "Sink", "MemorySink", "CallableSink", "MultiSink",
-    "FileSink", "TensorBoardSink", "as_sink", "load_records", "rankdata", "spearman_rows", "topk_overlap_rows",
-    "feature_share", "heatmap_image", "encode_png",
+    "AttributionRecord",
+    "CallableSink",
+    "DriftTracker",
+    "FileSink",
+    "MemorySink",
+    "MultiSink",
+    "RecordBuilder",
+    "Sink",
+    "TensorBoardSink",
+    "as_sink",
+    "encode_png",
+    "feature_share",
+    "heatmap_image",
+    "load_records",
+    "rankdata",
+    "spearman_rows",
+    "topk_overlap_rows",
 ]
 
 

@@ -21,13 +21,13 @@ import time
 import matplotlib
 
 matplotlib.use("Agg")
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from torch import nn  # noqa: E402
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
 
-from deepshap_opt.logging_sinks import FileSink, MemorySink, TensorBoardSink  # noqa: E402
-from deepshap_opt.torch import AttributionLogger  # noqa: E402
+from deepshap_opt.logging_sinks import FileSink, MemorySink, TensorBoardSink
+from deepshap_opt.torch import AttributionLogger
 
 
 def digits_cnn() -> nn.Module:

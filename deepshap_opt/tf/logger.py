@@ -23,7 +23,7 @@ import numpy as np
 
 from ..logging_sinks import RecordBuilder, as_sink, find_memory_records
 
-__all__ = ["AttributionCallback", "preserve_training_state", "METHODS"]
+__all__ = ["METHODS", "AttributionCallback", "preserve_training_state"]
 
 METHODS = ("deepshap", "mfaba")
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..logging_sinks import RecordBuilder, as_sink, find_memory_records
 
-__all__ = ["AttributionLogger", "preserve_training_state", "METHODS"]
+__all__ = ["METHODS", "AttributionLogger", "preserve_training_state"]
 
 METHODS = ("deepshap", "mfaba")
 
@@ -157,7 +157,7 @@ class AttributionLogger:
         return find_memory_records(self.sink)
 
     # ---- the three ways of driving it ----------------------------------------------------------------
-    def attach(self, optimizer: torch.optim.Optimizer, start_step: int | None = None) -> "AttributionLogger":
+    def attach(self, optimizer: torch.optim.Optimizer, start_step: int | None = None) -> AttributionLogger:
         """Log from an ``Optimizer.register_step_post_hook``: each optimizer step counts as one global step.
 
         Returns self, which is a context manager that detaches on exit (or call :meth:`detach`).

@@ -12,8 +12,8 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from deepshap_opt.logging_sinks import FileSink, MemorySink, TensorBoardSink, load_records  # noqa: E402
-from deepshap_opt.tf.logger import AttributionCallback, preserve_training_state  # noqa: E402
+from deepshap_opt.logging_sinks import FileSink, MemorySink, TensorBoardSink, load_records
+from deepshap_opt.tf.logger import AttributionCallback, preserve_training_state
 
 EPOCHS, BATCH = 2, 16          # 96 rows → 6 batches per epoch, 12 optimizer steps
 

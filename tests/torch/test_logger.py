@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from deepshap_opt import UnsupportedOperatorError
 from deepshap_opt.logging_sinks import FileSink, MemorySink, load_records
 from deepshap_opt.torch import AttributionLogger
 from deepshap_opt.torch.explainer import _fingerprint
@@ -201,7 +202,7 @@ def test_bad_arguments_and_errors(data):
     warn = AttributionLogger(Gate(), x[:4], x[:2], every_n_steps=1, on_error="warn")
     with pytest.warns(UserWarning, match="failed"):
         assert warn.step() is None
-    with pytest.raises(Exception):
+    with pytest.raises(UnsupportedOperatorError):
         AttributionLogger(Gate(), x[:4], x[:2], every_n_steps=1).step()
 
 
