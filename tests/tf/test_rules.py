@@ -1,0 +1,92 @@
+"""The TF rule implementations (deepshap_opt.tf._rules) against the NumPy references of the spec."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from deepshap_opt.rules import reference
+from deepshap_opt.tf import _rules
+
+TF_FUNCS = {"relu": tf.nn.relu, "relu6": tf.nn.relu6, "elu": tf.nn.elu, "selu": tf.nn.selu, "sigmoid": tf.sigmoid,
+            "tanh": tf.tanh, "softplus": tf.nn.softplus, "softsign": tf.nn.softsign, "silu": tf.nn.silu,
+            "gelu": lambda x: tf.nn.gelu(x, approximate=False), "exp": tf.exp, "square": tf.square,
+            "leaky_relu": lambda x: tf.nn.leaky_relu(x, 0.01)}
+
+
+def _pairs(shape=(3, 5, 4)):
+    rng = np.random.default_rng(0)
+    x, r = rng.normal(size=shape[:1] + shape[2:]), rng.normal(size=shape[1:])
+    x[0, 0] = r[0, 0]                          # a zero difference: the f'(x) fallback
+    return x, r
+
+
+@pytest.mark.parametrize("name", sorted(TF_FUNCS))
+def test_rescale_matches_reference(name):
+    x, r = _pairs()
+    f = TF_FUNCS[name]
+    xt, rt = tf.constant(x), tf.constant(r)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        yx = f(xt)
+    dfx = tape.gradient(yx, xt)
+    got = _rules.rescale_multiplier(xt[:, None], rt[None], yx[:, None], f(rt)[None], dfx[:, None]).numpy()
+    want = reference.rescale_multiplier(name, x[:, None], r[None])
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+    g = np.random.default_rng(1).normal(size=got.shape)
+    fused = _rules.rescale_apply(tf.constant(g), xt[:, None], rt[None], yx[:, None], f(rt)[None], dfx[:, None])
+    np.testing.assert_allclose(fused.numpy(), g * want, rtol=1e-6, atol=1e-9)
+
+
+def test_softmax_and_log_softmax_match_reference():
+    rng = np.random.default_rng(2)
+    zx, zr, g = rng.normal(size=(2, 6)), rng.normal(size=(3, 6)), rng.normal(size=(2, 3, 6))
+    # (the reference divides by Δz with no threshold, so equal logits are left out here)
+    u, v, px, pr = _rules.softmax_coefficients(tf.constant(zx)[:, None], tf.constant(zr)[None])
+    got = _rules.softmax_grad(tf.constant(g), u, v, px, pr).numpy()
+    w = _rules.log_softmax_weights(tf.constant(zx)[:, None], tf.constant(zr)[None]).numpy()
+    got_log = g - g.sum(-1, keepdims=True) * w
+    for i in range(2):
+        for j in range(3):
+            np.testing.assert_allclose(got[i, j], reference.softmax_backward(zx[i], zr[j], g[i, j]), rtol=1e-6,
+                                       atol=1e-9)
+            np.testing.assert_allclose(got_log[i, j], reference.log_softmax_backward(zx[i], zr[j], g[i, j]),
+                                       rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("op", ["div", "maximum", "pow"])
+def test_pair_matches_reference(op):
+    rng = np.random.default_rng(3)
+    f = {"div": (tf.math.divide, np.divide), "maximum": (tf.maximum, np.maximum),
+         "pow": (tf.pow, np.power)}[op]
+    ax, ar = rng.uniform(0.5, 2, size=(2, 1, 4)), rng.uniform(0.5, 2, size=(1, 3, 4))
+    bx, br = rng.uniform(0.5, 2, size=(2, 1, 4)), rng.uniform(0.5, 2, size=(1, 3, 4))
+    ma, mb = _rules.pair_multipliers(f[0], *(tf.constant(v) for v in (ax, ar, bx, br)))
+    ra, rb = reference.shapley_pair_multipliers(f[1], ax, ar, bx, br)
+    np.testing.assert_allclose(ma.numpy(), ra, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(mb.numpy(), rb, rtol=1e-6, atol=1e-9)
+
+
+def test_maxpool_and_layer_norm_rules_through_the_explainer():
+    """The max-pool rule (cross-max routing) and the normalization decomposition against the references."""
+    import keras
+    from keras import layers as L
+
+    from deepshap_opt.tf import DeepExplainer
+
+    rng = np.random.default_rng(4)
+    # max-pool of the input, summed: φ = maxpool rule multiplier × Δx (reference.maxpool_backward, g = 1)
+    inp = keras.Input((4, 4, 1))
+    model = keras.Model(inp, L.Lambda(lambda t: tf.reduce_sum(t, axis=[1, 2]))(L.MaxPooling2D(2)(inp)))
+    bg, X = rng.normal(size=(3, 4, 4, 1)).astype("float32"), rng.normal(size=(2, 4, 4, 1)).astype("float32")
+    sv = DeepExplainer(model, bg).shap_values(X)[..., 0, 0]
+    for i in range(2):
+        want = np.mean([reference.maxpool_backward(X[i, None, :, :, 0], bg[j, None, :, :, 0], np.ones((1, 2, 2)), 2)[0]
+                        * (X[i, :, :, 0] - bg[j, :, :, 0]) for j in range(3)], axis=0)
+        np.testing.assert_allclose(sv[i], want, rtol=1e-5, atol=1e-6)
+    # layer norm (no affine) of a 5-vector, each output seeded: reference.layer_norm_attribution
+    inp = keras.Input((5,))
+    model = keras.Model(inp, L.LayerNormalization(center=False, scale=False, epsilon=1e-3)(inp))
+    bg, X = rng.normal(size=(1, 5)).astype("float32"), rng.normal(size=(1, 5)).astype("float32")
+    sv = DeepExplainer(model, bg).shap_values(X)[0]                        # (5 in, 5 out)
+    phi = reference.layer_norm_attribution(X[0].astype(np.float64), bg[0].astype(np.float64), eps=1e-3)
+    np.testing.assert_allclose(sv.sum(0), phi.sum(1), rtol=1e-4, atol=1e-5)  # per output: completeness
