@@ -182,9 +182,20 @@ def main():
     ap.add_argument("--model")
     ap.add_argument("--data")
     ap.add_argument("--file")
+    ap.add_argument("--table-from", nargs="+", default=None,
+                    help="print the table from --out JSON files of earlier runs (later files override cases)")
     a = ap.parse_args()
     if a.case:
         return run_case(a)
+    if a.table_from:
+        rows: dict[str, dict] = {}
+        for fn in a.table_from:
+            with open(fn) as f:
+                for r in json.load(f)["results"]:
+                    rows.setdefault(r["model"], {}).update({k: v for k, v in r.items() if not (
+                        isinstance(v, dict) and "error" in v)})
+        print(table([rows[m] for m in MODELS if m in rows], a))
+        return None
     import numpy as np
 
     rng = np.random.default_rng(0)
