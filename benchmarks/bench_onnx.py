@@ -191,7 +191,18 @@ def main():
         rows: dict[str, dict] = {}
         for fn in a.table_from:
             with open(fn) as f:
-                for r in json.load(f)["results"]:
+                if fn.endswith(".log"):          # the progress lines "model case {...}" of a run's stdout
+                    import ast
+
+                    results = {}
+                    for line in f:
+                        parts = line.split(" ", 2)
+                        if len(parts) == 3 and parts[0] in MODELS and parts[2].startswith("{"):
+                            results.setdefault(parts[0], {"model": parts[0]})[parts[1]] = ast.literal_eval(parts[2])
+                    results = list(results.values())
+                else:
+                    results = json.load(f)["results"]
+                for r in results:
                     rows.setdefault(r["model"], {}).update({k: v for k, v in r.items() if not (
                         isinstance(v, dict) and "error" in v)})
         print(table([rows[m] for m in MODELS if m in rows], a))
