@@ -174,6 +174,10 @@ class RuleMode(TorchFunctionMode):
             self.mark(args[0])
         return self.mark(out)
 
+    #: torch op names whose rescale needs no parameters beyond the tensor (closed-form f' applies)
+    _PARAMETER_FREE = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
+                       "tanh": "tanh", "tanh_": "tanh", "silu": "silu"}
+
     def _rescale(self, func, name, args, kwargs, canon=None):
         inplace = _is_inplace(name, kwargs)
         f, fargs, fkwargs = _out_of_place(func, name, args, kwargs) if inplace else (func, args, kwargs)
@@ -193,15 +197,18 @@ class RuleMode(TorchFunctionMode):
 
             def fn(t, f=f, fargs=fargs, fkwargs=fkwargs, key=key):
                 return f(*fargs, **{**fkwargs, key: t})
-        return self._apply_rescale(x, fn, canon or T.RESCALE.get(name, name), inplace, target=args[0])
+        closed = self._PARAMETER_FREE.get(name) if len(fargs) + len(fkwargs) - ("inplace" in fkwargs) == 1 else None
+        return self._apply_rescale(x, fn, canon or T.RESCALE.get(name, name), inplace, target=args[0], closed=closed)
 
-    def _apply_rescale(self, x, fn, op, inplace=False, target=None):
+    def _apply_rescale(self, x, fn, op, inplace=False, target=None, closed=None):
         if self.phase == "reference":
             y = fn(x)
             self.site("rescale", (x, y), op)
         else:
             site = self.site("rescale", (x,), op)
-            y = R.Rescale.apply(x.clone() if inplace else x, fn, site)
+            # no clone for in-place ops: Rescale keeps its own copies of the values it needs, so the
+            # copy_ below may overwrite x (a clone here would add a copy over n·M rows to the backward)
+            y = R.Rescale.apply(x, fn, site, closed)
         if inplace:
             target.copy_(y)
             return self.mark(target)
