@@ -48,6 +48,8 @@ def assert_additivity(phis: Sequence[np.ndarray], outputs: np.ndarray, expected_
     phis: per input (N, *in, k); outputs: (N, K); expected_value: (K,); indexes: (N, k).
     The tolerance is relative to the output scale (max |f| over the explained outputs and E f).
     """
+    if outputs.shape[0] == 0:
+        return
     total = sum(p.reshape(p.shape[0], -1, p.shape[-1]).sum(axis=1) for p in phis)      # (N, k)
     rows = np.arange(outputs.shape[0])[:, None]
     target = outputs[rows, indexes] - expected_value[indexes]                          # (N, k)

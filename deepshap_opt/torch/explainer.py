@@ -15,6 +15,7 @@ The algorithm (ONNXExplainer, arXiv 2309.16916, in PyTorch):
 
 from __future__ import annotations
 
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ from ._tracer import ControlFlowError, FoldedBatchError, RuleMode
 
 #: transient memory the backward may use when batch_size is not given (bytes)
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
+#: explanations run one at a time per process: the tracer's module-path hooks are process-global and an
+#: explanation switches the model to eval mode for its duration. Threads may share explainers safely.
+_LOCK = threading.RLock()
 
 
 @dataclass
@@ -181,6 +185,12 @@ class DeepExplainer(ExplainerBase):
     @contextmanager
     def _session(self):
         """Eval semantics, module-path tracking; the model's modes are restored and no hook is left."""
+        with _LOCK:
+            with self._session_unlocked() as where:
+                yield where
+
+    @contextmanager
+    def _session_unlocked(self):
         modes = [(m, m.training) for m in self.model.modules()]
         if self.model.training and not getattr(self, "_warned_training", False):
             self._warned_training = True
@@ -311,12 +321,18 @@ class DeepExplainer(ExplainerBase):
         return 1, max(1, rows // k)
 
     def _explain(self, X, select: Callable[[np.ndarray], np.ndarray]):
+        with _LOCK:   # the cache check, a rebuild and the explanation happen as one step
+            return self._explain_locked(X, select)
+
+    def _explain_locked(self, X, select):
         xs = self._check_X(X)
         cache = self._current_cache()
         N, M = xs[0].shape[0], cache.roots[0].shape[0]
-        if N == 0:
-            raise ValueError("X has no rows")
         k = select(np.zeros((1, self.num_outputs))).shape[1]
+        if N == 0:   # nothing to explain: empty results of the right shapes
+            empty = [np.zeros((0, *r.shape[2:], k)) for r in cache.roots]
+            return (empty, np.zeros((0, self.num_outputs)), np.zeros((0, k), dtype=np.int64),
+                    torch.empty(0, dtype=xs[0].dtype).numpy().dtype)
         while True:
             try:
                 n_chunk, m_chunk = self._chunks(N, k, M)
