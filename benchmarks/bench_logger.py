@@ -86,7 +86,7 @@ def main(argv=None):
     ap.add_argument("--probe", type=int, default=8)
     ap.add_argument("--methods", default="deepshap", help="comma-separated: deepshap,mfaba")
     ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
