@@ -62,11 +62,14 @@ def assert_same(a, b):
 @pytest.mark.parametrize("method", ["deepshap", "mfaba"])
 def test_fit_is_bit_identical_with_the_callback(data, baseline, method):
     x, _ = data
+    explainers = []
     cb = AttributionCallback(x[:8], x[:4], every_n_batches=4, every_n_epochs=1, method=method,
-                             method_kwargs={"steps": 5} if method == "mfaba" else None)
+                             method_kwargs={"steps": 5} if method == "mfaba" else None,
+                             sink=[MemorySink(), lambda r: explainers.append(cb._explainer)])
     run = fit(data, cb)
     assert_same(baseline, run)
     recs = cb.records
+    assert len(explainers) == 4 and all(e is explainers[0] for e in explainers)     # built once, reused
     # per batch at optimizer steps 4, 8, 12; per epoch at steps 6 and 12 (12 already logged: once per step)
     assert [(r.step, r.epoch) for r in recs] == [(4, 0), (6, 0), (8, 1), (12, 1)]
     for r in recs:
@@ -74,6 +77,8 @@ def test_fit_is_bit_identical_with_the_callback(data, baseline, method):
         assert r.outputs.shape == (4, 3) and np.isfinite(r.attributions).all()
     if method == "deepshap":   # the cache was rebuilt for the current weights at each log
         assert max(r.metrics["completeness_error"] for r in recs) < 1e-3
+        ex = explainers[0]
+        assert np.array_equal(ex._fp, ex._fingerprint())       # the last log (step 12) saw the final weights
 
 
 def test_records_reach_files_and_tensorboard(data, tmp_path):
