@@ -99,7 +99,18 @@ class Kernel(torch.autograd.Function):
 
     @staticmethod
     def forward(name, fuse, *args):
-        return RuleKernels.get(name, fuse)(*args)
+        kernel = RuleKernels.get(name, fuse)
+        if not fuse:
+            return kernel(*args)
+        try:
+            return kernel(*args)
+        except Exception as e:   # no compiler, unsupported platform...: the eager kernel, same numbers
+            import warnings
+
+            warnings.warn(f"fuse_rules: torch.compile failed ({type(e).__name__}: {e}); using eager rule kernels",
+                          RuntimeWarning, stacklevel=2)
+            RuleKernels.FUSED[name] = RuleKernels.EAGER[name]
+            return RuleKernels.EAGER[name](*args)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
