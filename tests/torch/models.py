@@ -97,7 +97,10 @@ class Elementwise(nn.Module):
         p = torch.sigmoid(a) + 0.5
         parts = [torch.exp(a * 0.3), torch.log(p), torch.sqrt(p), torch.rsqrt(p), p.pow(1.7), a.square(),
                  a.abs(), -a, a.clamp(-0.5, 0.5)]
-        return self.c(torch.cat(parts, 1))
+        h = torch.cat(parts, 1)
+        w = torch.ones(h.shape[1], 3, dtype=h.dtype) / h.shape[1]
+        return torch.addmm(self.c.bias, h, self.c.weight.T) + h.sum(1, keepdim=True) * 0.1 - h.mean(1, keepdim=True) \
+            + torch.addmm(torch.zeros(3, dtype=h.dtype), h, w)
 
 
 class Shapes(nn.Module):

@@ -43,7 +43,7 @@ def data(n, shape, positive=False, seed=0):
 
 def phis(fn, X, bg):
     """φ (N, *in, K) of the one-op model fn."""
-    return DeepExplainer(Fn(fn), bg).shap_values(X)
+    return DeepExplainer(Fn(fn).eval(), bg).shap_values(X)
 
 
 @pytest.mark.parametrize("op", sorted(TORCH_OPS))
@@ -128,7 +128,7 @@ def test_softmax_is_stable_for_large_logits():
     # float32 logits whose exp differs by up to e^40 between explicand and reference: the rule's terms
     # grow like exp(L_r - L_x) and cancel, so it computes in float64 (documented limit: ~30 nats of gap)
     X, bg = data(2, (5,)) * 10, data(3, (5,), seed=1) * 10
-    phi = DeepExplainer(Fn(lambda t: torch.softmax(t, 1)), bg.float()).shap_values(X.float())
+    phi = DeepExplainer(Fn(lambda t: torch.softmax(t, 1)).eval(), bg.float()).shap_values(X.float())
     assert np.isfinite(phi).all()   # shap_values' additivity check also passed
 
 
