@@ -30,6 +30,15 @@ def make_model():
                          nn.Flatten(), nn.Dropout(0.3), nn.Linear(4 * 4 * 4, 3))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is as fast and far steadier on a shared machine (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def data():
     g = torch.Generator().manual_seed(0)
