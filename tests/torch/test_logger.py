@@ -150,6 +150,18 @@ def test_fixed_targets_and_records_in_files(data, tmp_path):
     np.testing.assert_array_equal(recs[-1]["inputs"], x[:4].numpy())
 
 
+def test_tabular_probe_gets_feature_shares():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(32, 4)
+    logger = AttributionLogger(model, x[:8], x[8:12], every_n_steps=1, feature_names=["a", "b", "c", "d"],
+                               top_k=2)
+    rec = logger.step()
+    assert rec.channel_axis is None and rec.feature_share.shape == (4,)
+    assert rec.feature_share.sum() == pytest.approx(1.0)
+    assert [rec.metrics[f"share/{n}"] for n in "abcd"] == pytest.approx(rec.feature_share.tolist())
+
+
 def test_preserve_training_state_undoes_a_training_forward(data):
     """The guard itself: a forward in train mode (dropout draws, BatchNorm updates), a backward and RNG
     draws inside it leave no trace."""
