@@ -17,6 +17,7 @@ Each case (method, N, M) runs in a fresh subprocess (``--case``) with one torch 
 
     python benchmarks/plots.py                 # writes docs/img/bench_*.png (about 5 minutes on 1 core)
     python benchmarks/plots.py --m 4 8 --n 1 2 --repeats 1 --out /tmp/plots   # a smaller run
+    python benchmarks/plots.py --from-json run1.json run2.json              # redraw, pooling runs
 
 This module is also a model zoo for ``benchmarks/bench_torch.py --models-module benchmarks/plots.py``
 (``MODELS = {"small_cnn": ...}``), which ``deepshap-opt bench --quick`` uses.
@@ -181,6 +182,27 @@ def plot(results: list[dict], out: Path, n_fixed: int, m_fixed: int, metric: str
     return written
 
 
+def pool(runs: list[list[dict]]) -> list[dict]:
+    """One record per (method, N, M) from several runs: medians over all timed calls and over the peaks."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        for r in run:
+            groups.setdefault((r["method"], r["n"], r["m"]), []).append(r)
+    out = []
+    for (method, n, m), rs in groups.items():
+        ok = [r for r in rs if "error" not in r]
+        if not ok:
+            out.append(rs[0])
+            continue
+        times = [t for r in ok for t in r["times_s"]]
+        cpu = [t for r in ok for t in r.get("cpu_times_s", [])]
+        out.append({"method": method, "n": n, "m": m, "runs": len(ok), "calls": len(times),
+                    "latency_s": statistics.median(times), "cpu_s": statistics.median(cpu) if cpu else float("nan"),
+                    "times_s": times, "cpu_times_s": cpu, "build_s": statistics.median(r["build_s"] for r in ok),
+                    "rss_extra_mb": statistics.median(r["rss_extra_mb"] for r in ok)})
+    return out
+
+
 def table(results: list[dict]) -> str:
     lines = ["| method | N | M | CPU time (ms) | wall latency (ms) | build (ms) | peak RSS above model+data (MiB) |",
              "|---|---|---|---|---|---|---|"]
@@ -204,7 +226,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--out", default=str(ROOT / "docs" / "img"), help="folder for the PNGs")
     ap.add_argument("--json", default=None, help="also write the raw results here")
-    ap.add_argument("--from-json", default=None, help="only redraw the plots from a --json file")
+    ap.add_argument("--from-json", nargs="+", default=None,
+                    help="only redraw the plots from --json files; several runs are pooled per case (median over "
+                    "all their timed calls, median of their memory peaks)")
     ap.add_argument("--metric", default="cpu", choices=("cpu", "wall"), help="latency plots: CPU or wall time")
     ap.add_argument("--case", choices=METHODS, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -213,7 +237,8 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(res), flush=True)
         return 0
     if a.from_json:
-        results = json.loads(Path(a.from_json).read_text())["results"]
+        results = pool([json.loads(Path(f).read_text())["results"] for f in a.from_json])
+        Path(a.out).mkdir(parents=True, exist_ok=True)
         for p in plot(results, Path(a.out), a.n_fixed, a.m_fixed, a.metric):
             print(f"wrote {p}")
         print(table(results))
