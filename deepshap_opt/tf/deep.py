@@ -49,6 +49,20 @@ def _to_array(x, what: str):
     return a
 
 
+def _pad_rows(a, n):
+    """a with its last row repeated up to n rows (chunks keep one shape: no retracing)."""
+    if len(a) >= n:
+        return a
+    return np.concatenate([a, np.repeat(a[-1:], n - len(a), axis=0)], 0)
+
+
+def _pad_rows_tf(t, n):
+    k = int(t.shape[0])
+    if k >= n:
+        return t
+    return tf.concat([t, tf.repeat(t[-1:], n - k, axis=0)], 0)
+
+
 def _dim(t, i):
     d = t.shape[i]
     return int(d) if d is not None else tf.shape(t)[i]
@@ -216,7 +230,6 @@ class DeepExplainer(ExplainerBase):
                                     reduce_retracing=True)
         # traced per chunk shape (static shapes let grappler drop the surrogate's forward values)
         self._bwd = tf.function(self._bwd_impl, autograph=False, reduce_retracing=False)
-        self._fp_fn = tf.function(self._fingerprint_impl, autograph=False)
 
     # -- forward (explicands and references) -----------------------------------------------------------
     def _site_tensors(self, site):
@@ -233,23 +246,17 @@ class DeepExplainer(ExplainerBase):
         for site in prog.sites:
             vals.append([prog.value(env, t) for t in site.inputs])
             if site.kind == "rescale" and derivatives:
-                s, y = prog.value(env, site.inputs[0]), prog.value(env, site.output)
-                d = tf.gradients(y, s)[0]
+                s = tf.identity(prog.value(env, site.inputs[0]))     # a private copy: a local gradient
+                d = tf.gradients(self._recompute_output(site, s), s)[0]
                 dfs.append(tf.zeros_like(s) if d is None else d)
         expl = [prog.value(env, t) for t in prog.explained]
         return out, expl, vals, dfs
 
-    def _fingerprint_impl(self):
-        parts = []
-        for v in self._variables:
-            if not (v.dtype.is_floating or v.dtype.is_integer):
-                continue
-            x = tf.cast(v, tf.float32)
-            parts.append(tf.stack([tf.reduce_sum(x), tf.reduce_sum(tf.abs(x))]))
-        return tf.concat(parts, 0) if parts else tf.zeros([0], tf.float32)
-
     def _fingerprint(self):
-        return self._fp_fn().numpy() if self._variables else np.zeros(0)
+        """Σv and Σ|v| of every variable the model reads (eager: cheaper than a traced function here)."""
+        vals = [(tf.reduce_sum(tf.cast(v, tf.float32)), tf.reduce_sum(tf.abs(tf.cast(v, tf.float32))))
+                for v in self._variables if v.dtype.is_floating or v.dtype.is_integer]
+        return np.array([float(a) for pair in vals for a in pair])
 
     def _chunks(self, n, size):
         return [(i, min(i + size, n)) for i in range(0, n, size)]
@@ -274,7 +281,7 @@ class DeepExplainer(ExplainerBase):
         self._fp = self._fingerprint()
 
     # -- backward over explicand × reference pairs -----------------------------------------------------
-    def _bwd_impl(self, expl_x, expl_r, vals_x, dfs_x, vals_r, idx):
+    def _bwd_impl(self, expl_x, expl_r, vals_x, dfs_x, vals_r, idx, w_r):
         """Σ over the chunk's references of multiplier × (x − r), for output idx[i] of row i: (n, *in).
 
         The graph is re-run on zeros with every site replaced by a tf.custom_gradient function; each
@@ -314,7 +321,8 @@ class DeepExplainer(ExplainerBase):
             if g is None:
                 g = tf.zeros_like(z)
             g = ctx.unflat(g)
-            phis.append(tf.reduce_sum(g * (ctx.bx(x) - ctx.br(r)), axis=1))
+            wr = tf.reshape(w_r, [1, -1] + [1] * (x.shape.rank - 1))
+            phis.append(tf.reduce_sum(g * (ctx.bx(x) - ctx.br(r)) * wr, axis=1))
         return phis
 
     def _surrogate_inputs(self, rows):
@@ -491,31 +499,45 @@ class DeepExplainer(ExplainerBase):
         N = xs[0].shape[0]
         M = self.M
         per = max(1, self.batch_size // M) if self.batch_size >= M else 1
+        n_fix = min(per, N)                                 # every chunk padded to n_fix rows: one trace
         mc = M if self.batch_size >= M else self.batch_size
-        outputs, idx_all = [], []
-        fwd = []
+        outputs, fwd = [], []
         for a, b in self._chunks(N, per):
-            out, ex, vals, dfs = self._fwd(*[tf.convert_to_tensor(x[a:b]) for x in xs])
-            outputs.append(out.numpy())
+            chunk = [_pad_rows(x[a:b], n_fix) for x in xs]
+            out, ex, vals, dfs = self._fwd(*[tf.convert_to_tensor(c) for c in chunk])
+            outputs.append(out.numpy()[:b - a])
             fwd.append((ex, vals, dfs))
         outputs = np.concatenate(outputs, 0) if outputs else np.zeros((0, self.num_outputs))
         indexes = np.asarray(select(outputs)) if N else np.zeros((0, 0), int)
         k = indexes.shape[1] if indexes.ndim == 2 else 0
         phis = [np.zeros((N,) + tuple(t.shape[1:]) + (k,), np.float64) for t in self._ref_expl]
-        ref_chunks = [(a, b, [r[a:b] for r in self._ref_expl],
-                       [[v[a:b] for v in vs] for vs in self._ref_vals]) for a, b in self._chunks(M, mc)]
+        ref_chunks = self._ref_chunks(mc)
         for (a, b), (ex, vals, dfs) in zip(self._chunks(N, per), fwd):
             for j in range(k):
-                idx = tf.constant(indexes[a:b, j], tf.int32)
+                idx = tf.constant(_pad_rows(indexes[a:b, j], n_fix), tf.int32)
                 acc = None
-                for _, _, rex, rvals in ref_chunks:
-                    part = self._bwd(ex, rex, vals, dfs, rvals, idx)
+                for rex, rvals, w in ref_chunks:
+                    part = self._bwd(ex, rex, vals, dfs, rvals, idx, w)
                     acc = [p.numpy().astype(np.float64) for p in part] if acc is None else \
                         [s + p.numpy() for s, p in zip(acc, part)]
                 for i, s in enumerate(acc):
-                    phis[i][a:b, ..., j] = s / M
+                    phis[i][a:b, ..., j] = s[:b - a] / M
         return phis, outputs.astype(np.float64), indexes, self._in_dtypes[0] if self._layer is None else \
             self._ref_expl[0].dtype.as_numpy_dtype
+
+    def _ref_chunks(self, mc):
+        """Reference chunks of exactly mc rows (the last one padded, its padding weighted 0)."""
+        key = (mc, id(self._ref_out))
+        if getattr(self, "_ref_chunk_key", None) != key:
+            chunks = []
+            for a, b in self._chunks(self.M, mc):
+                take = lambda t: _pad_rows_tf(t[a:b], mc)  # noqa: E731
+                w = np.zeros(mc, self._ref_expl[0].dtype.as_numpy_dtype)
+                w[:b - a] = 1
+                chunks.append(([take(r) for r in self._ref_expl], [[take(v) for v in vs] for vs in self._ref_vals],
+                               tf.constant(w)))
+            self._ref_chunk_cache, self._ref_chunk_key = chunks, key
+        return self._ref_chunk_cache
 
     def __repr__(self):
         return (f"deepshap_opt.tf.DeepExplainer({len(self.prog.sites)} rule sites, M={self.M}, "
