@@ -131,6 +131,20 @@ def _load_keras(path: str):
         raise CLIError(f"cannot load Keras model {path}: {exc}".splitlines()[0]) from exc
 
 
+def _keras_background(model):
+    """Two random rows of a single-input Keras model's (static) input shape, or None."""
+    try:
+        inputs = list(model.inputs)
+    except Exception:  # noqa: BLE001 -- subclassed models without inputs
+        return None
+    if len(inputs) != 1:
+        return None
+    shape = tuple(inputs[0].shape[1:])
+    if any(d is None for d in shape):
+        return None
+    return np.random.default_rng(0).random((2, *shape), dtype=np.float32)
+
+
 def _parse_outputs(value: str):
     v = value.strip().lower()
     if v in ("top1", "all", "target"):
@@ -749,11 +763,13 @@ def cmd_check(args) -> int:
             except Exception as exc:
                 raise CLIError(f"cannot read ONNX file {args.model}: {_one_line(exc)}") from exc
         else:
-            if bg is None:
-                raise CLIError(f"checking a {kind} model through ONNX needs --background BG.npy (the input shape)")
             from deepshap_opt.onnx._convert import load_model
 
             model = _load_keras(args.model) if kind == "keras" else _torch_module(args.model, kind)
+            if bg is None and kind == "keras":
+                bg = _keras_background(model)
+            if bg is None:
+                raise CLIError(f"checking a {kind} model through ONNX needs --background BG.npy (the input shape)")
             proto = load_model(model, [bg], args.opset)
         rows = _onnx_listing(proto, args.output_name)
         scope = ("ONNX listing: every node of the graph with the rule the ONNX backend (deepshap_opt.onnx.export) "
