@@ -235,6 +235,9 @@ def test_export_keras_file(tmp_path):
     f, ef = np.load(tmp_path / "f.npy").astype(np.float64), np.load(tmp_path / "ef.npy").astype(np.float64)
     assert _completeness(tmp_path / "out", f, ef, idx) < 1e-4
     assert len(list((tmp_path / "out" / "png").glob("*.png"))) == 3
+    r = cli("check", tmp_path / "k.keras")          # converted to ONNX, input shape from the model
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Conv" in r.stdout and "dry run: the explanation graph builds" in r.stdout
 
 
 def test_onnx_op_table_covers_the_backend():
