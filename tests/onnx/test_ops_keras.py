@@ -11,7 +11,7 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 pytest.importorskip("tf2onnx")
 
-from _onnx_util import completeness_error, run
+from ._onnx_util import completeness_error, run
 
 import deepshap_opt.onnx as dso
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from _onnx_util import completeness_error, run
+from ._onnx_util import completeness_error, run
 from onnx import TensorProto, helper, numpy_helper
 
 import deepshap_opt.onnx as dso

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 F = torch.nn.functional
 
-from _onnx_util import completeness_error, run, torch_backend
+from ._onnx_util import completeness_error, run, torch_backend
 
 import deepshap_opt.onnx as dso
 

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 
-from _onnx_util import completeness_error, run, torch_backend
+from ._onnx_util import completeness_error, run, torch_backend
 
 import deepshap_opt.onnx as dso
 

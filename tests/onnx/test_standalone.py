@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from _onnx_util import completeness_error, expected_value, run, torch_backend
+from ._onnx_util import completeness_error, expected_value, run, torch_backend
 
 import deepshap_opt.onnx as dso
 
