@@ -878,11 +878,18 @@ def cmd_bench(args, extra: list[str]) -> int:
 
 
 # ============================================================================================ main
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line too (argparse prints the usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description="Fast, exact DeepSHAP: export, explain, check, bench.")
+    ap = _Parser(prog=PROG, description="Fast, exact DeepSHAP: export, explain, check, bench.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     ap.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = ap.add_subparsers(dest="command", metavar="{export,explain,check,bench}")
+    sub = ap.add_subparsers(dest="command", metavar="{export,explain,check,bench}", parser_class=_Parser)
 
     e = sub.add_parser("export", help="write ONE .onnx file with the model's outputs plus shap_values",
                        description="Export MODEL and its DeepSHAP explanation graph to one .onnx file.")

@@ -161,13 +161,15 @@ def test_check_unsupported_op_exits_1(tmp_path):
     ["explain", "/no/such/e.onnx", "-i", "/no/such/x.npy", "-o", "out"],
     ["check", "/no/such/model.onnx"],
     ["check", "README.md"],
+    ["export", "model.onnx"],                 # usage error: missing required options
+    ["frobnicate"],
 ])
 def test_bad_path_one_line_error(argv):
     r = cli(*argv)
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("deepshap-opt: error:") and "Traceback" not in r.stderr
+    assert lines[0].startswith("deepshap-opt") and ": error: " in lines[0] and "Traceback" not in r.stderr
 
 
 def test_bad_input_shape_and_debug(files):
