@@ -66,15 +66,6 @@ def _unlink_missing(markdown: str, page, files) -> str:
     return _LINK.sub(sub, markdown)
 
 
-def _fix_rule_anchors(markdown: str) -> str:
-    """The generator links '#shapley-pair' but the heading 'shapley_pair' has the anchor '#shapley_pair'
-    (python-markdown and GitHub keep underscores)."""
-    for name in re.findall(r"^## (\w+)$", markdown, re.MULTILINE):
-        if "_" in name:
-            markdown = markdown.replace(f"(#{name.replace('_', '-')})", f"(#{name})")
-    return markdown
-
-
 def on_page_markdown(markdown, page, config, files, **kwargs):
     if page.file.src_uri in OWN_PAGES:
         return _unlink_missing(markdown, page, files)
@@ -87,5 +78,5 @@ def on_page_markdown(markdown, page, config, files, **kwargs):
         from deepshap_opt.rules.__main__ import markdown as rules_markdown
     except ImportError as exc:          # deepshap_opt not importable: keep the committed page
         log.warning("rules.md: cannot import deepshap_opt.rules (%s); using the committed file", exc)
-        return _fix_rule_anchors(markdown)
-    return _fix_rule_anchors(rules_markdown())
+        return markdown
+    return rules_markdown()

@@ -21,8 +21,9 @@ def markdown() -> str:
              "| rule | threshold | canonical ops |", "|---|---|---|"]
     for name, ops in rules.items():
         eps = objs[name].eps
-        lines.append(f"| [{name}](#{name.replace('_', '-')}) | {eps:g} | {', '.join(f'`{o}`' for o in ops)} |"
-                     if eps else f"| [{name}](#{name.replace('_', '-')}) | — | {', '.join(f'`{o}`' for o in ops)} |")
+        # anchors keep the underscore: GitHub's and mkdocs' slug of "## shapley_pair" is "shapley_pair"
+        lines.append(f"| [{name}](#{name}) | {eps:g} | {', '.join(f'`{o}`' for o in ops)} |"
+                     if eps else f"| [{name}](#{name}) | — | {', '.join(f'`{o}`' for o in ops)} |")
     lines.append("")
     for name, rule in objs.items():
         lines += [f"## {name}", "", inspect.cleandoc(type(rule).__doc__), ""]
