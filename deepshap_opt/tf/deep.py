@@ -144,8 +144,11 @@ class DeepExplainer(ExplainerBase):
         import keras
 
         if isinstance(model, tuple) and len(model) == 2 and not isinstance(model[0], keras.Model) and (
-                _is_keras_tensor(model[1]) or all(_is_keras_tensor(t) for t in tf.nest.flatten(model[0]))):
+                all(_is_keras_tensor(t) for t in tf.nest.flatten(model[1]))
+                or all(_is_keras_tensor(t) for t in tf.nest.flatten(model[0]))):
             inputs, outputs = model
+            if isinstance(outputs, (list, tuple)) and len(outputs) == 1:
+                outputs = outputs[0]
             if not all(_is_keras_tensor(t) for t in tf.nest.flatten(inputs)) or not _is_keras_tensor(outputs):
                 raise TypeError("an (inputs, outputs) pair must hold KerasTensors of a functional model "
                                 "(Keras 3 has no graph-mode tf.Tensors)")

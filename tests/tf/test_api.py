@@ -89,6 +89,7 @@ def test_model_forms_give_identical_values(data):
     model = relu_cnn()
     ref = DeepExplainer(model, bg).shap_values(X)
     pair = DeepExplainer((model.inputs, model.outputs[0]), bg).shap_values(X)
+    np.testing.assert_allclose(DeepExplainer((model.inputs[0], model.outputs), bg).shap_values(X), pair)
     np.testing.assert_allclose(pair, ref, rtol=1e-6, atol=1e-7)
     # data as tf tensor, as list of one array
     np.testing.assert_allclose(DeepExplainer(model, tf.constant(bg)).shap_values(tf.constant(X)), ref, rtol=1e-6,
