@@ -33,9 +33,9 @@ def _child(args):
     import warnings
 
     warnings.filterwarnings("ignore")
+    import keras
     import numpy as np
     import tensorflow as tf
-    import keras
 
     keras.utils.set_random_seed(0)
     model = getattr(keras.applications, args.model)(weights=None, input_shape=(args.size, args.size, 3),
@@ -105,7 +105,7 @@ def _child(args):
 def _run_case(base, model, method, outputs, timeout):
     cmd = [sys.executable, __file__, "--child", "--model", model, "--method", method, "--outputs", outputs] + base
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return {"model": model, "method": method, "outputs": outputs, "error": f"timeout after {timeout}s"}
     for line in p.stdout.splitlines():
@@ -116,10 +116,10 @@ def _run_case(base, model, method, outputs, timeout):
 
 
 def _table(results, args):
-    lines = [f"N={args.n}, M={args.m}, {args.size}x{args.size}, weights=None, classes={args.classes}, "
-             f"batch_size={args.batch_size}, {os.cpu_count()} CPU cores", "",
-             "| model | outputs | floor s | ours s | ours / floor | shap s | shap / ours | ours peak MB | "
-             "shap peak MB | ours / shap peak |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [(f"N={args.n}, M={args.m}, {args.size}x{args.size}, weights=None, classes={args.classes}, "
+              f"batch_size={args.batch_size}, {os.cpu_count()} CPU cores"), "",
+             ("| model | outputs | floor s | ours s | ours / floor | shap s | shap / ours | ours peak MB | "
+              "shap peak MB | ours / shap peak |"), "|---|---|---|---|---|---|---|---|---|---|"]
     by = {(r["model"], r["method"], r["outputs"]): r for r in results}
     for model in args.models:
         for outputs in args.outputs_list:

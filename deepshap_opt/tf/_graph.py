@@ -215,10 +215,10 @@ class GraphProgram:
         outs = [o for o in op.outputs if o.ref() in self.dep]
         if _has_func_attr(op):
             raise UnsupportedOperatorError(t, where, hint="control flow / function calls (e.g. RNN loops) have no rule")
-        if not outs or not all(o.dtype.is_floating for o in outs):
-            if all(not o.dtype.is_floating for o in op.outputs):
-                # a dependent non-float output: allowed only if nobody but shape ops uses it (checked later)
-                return None
+        if (not outs or not all(o.dtype.is_floating for o in outs)) and \
+                all(not o.dtype.is_floating for o in op.outputs):
+            # a dependent non-float output: allowed only if nobody but shape ops uses it (checked later)
+            return None
         pos = {i for i, _ in dins}
         if t in MAXLIKE:
             if pos != {0}:

@@ -23,7 +23,7 @@ import tensorflow as tf
 from .._explainer import ExplainerBase
 from ..rules.spec import MAXPOOL_EPS, RESCALE_EPS
 from . import _rules
-from ._graph import GraphProgram, _scope
+from ._graph import GraphProgram
 
 _LAYER_TAG = "deepshap_opt_layer_input"
 
@@ -161,7 +161,7 @@ class DeepExplainer(ExplainerBase):
                 raise ValueError(f"layer {layer.name!r} is not a layer of model {mdl.name!r}")
             self._layer = layer
             return mdl
-        if isinstance(model, keras.Model) or isinstance(model, keras.layers.Layer):
+        if isinstance(model, (keras.Model, keras.layers.Layer)):
             return model
         if callable(model) and not isinstance(model, (list, tuple)):
             return model
@@ -173,7 +173,7 @@ class DeepExplainer(ExplainerBase):
         specs = getattr(self._model, "inputs", None)
         try:
             specs = list(specs) if specs is not None else None
-        except Exception:  # subclassed models raise before being called
+        except Exception:  # noqa: BLE001 - subclassed models raise (various types) before being called
             specs = None
         for i in range(k):
             dt = None
@@ -271,7 +271,7 @@ class DeepExplainer(ExplainerBase):
             outs.append(o)
             expl.append(e)
             vals.append(v)
-        cat = lambda parts: tf.concat(parts, 0) if len(parts) > 1 else parts[0]  # noqa: E731
+        cat = lambda parts: tf.concat(parts, 0) if len(parts) > 1 else parts[0]
         self._ref_out = cat(outs)
         self._ref_expl = [cat([e[i] for e in expl]) for i in range(len(expl[0]))]
         self._ref_vals = [[cat([v[s][j] for v in vals]) for j in range(len(vals[0][s]))] for s in range(len(vals[0]))]
@@ -484,12 +484,13 @@ class DeepExplainer(ExplainerBase):
             xs = [X]
         arrays = []
         for i, (x, shape, dt) in enumerate(zip(xs, self._row_shapes, self._in_dtypes)):
+            name = f"X[{i}]" if self.multi_input else "X"
             a = _to_array(x, "X")
             if a.ndim == len(shape) and a.shape == tuple(shape):
-                raise ValueError(f"X{'[%d]' % i if self.multi_input else ''} has shape {a.shape}: pass a batch "
+                raise ValueError(f"{name} has shape {a.shape}: pass a batch "
                                  f"(N, {', '.join(map(str, shape))})")
             if a.shape[1:] != tuple(shape):
-                raise ValueError(f"X{'[%d]' % i if self.multi_input else ''} has rows of shape {a.shape[1:]}, the "
+                raise ValueError(f"{name} has rows of shape {a.shape[1:]}, the "
                                  f"background has {tuple(shape)}")
             arrays.append(a.astype(dt, copy=False))
         if len({a.shape[0] for a in arrays}) != 1:
@@ -503,7 +504,7 @@ class DeepExplainer(ExplainerBase):
         M = self.M
         per = max(1, self.batch_size // M) if self.batch_size >= M else 1
         n_fix = min(per, N)                                 # every chunk padded to n_fix rows: one trace
-        mc = M if self.batch_size >= M else self.batch_size
+        mc = min(M, self.batch_size)
         outputs, fwd = [], []
         for a, b in self._chunks(N, per):
             chunk = [_pad_rows(x[a:b], n_fix) for x in xs]
@@ -534,11 +535,10 @@ class DeepExplainer(ExplainerBase):
         if getattr(self, "_ref_chunk_key", None) != key:
             chunks = []
             for a, b in self._chunks(self.M, mc):
-                take = lambda t: _pad_rows_tf(t[a:b], mc)  # noqa: E731
                 w = np.zeros(mc, self._ref_expl[0].dtype.as_numpy_dtype)
                 w[:b - a] = 1
-                chunks.append(([take(r) for r in self._ref_expl], [[take(v) for v in vs] for vs in self._ref_vals],
-                               tf.constant(w)))
+                chunks.append(([_pad_rows_tf(r[a:b], mc) for r in self._ref_expl],
+                               [[_pad_rows_tf(v[a:b], mc) for v in vs] for vs in self._ref_vals], tf.constant(w)))
             self._ref_chunk_cache, self._ref_chunk_key = chunks, key
         return self._ref_chunk_cache
 

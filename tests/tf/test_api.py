@@ -4,10 +4,10 @@ import subprocess
 import sys
 import warnings
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import keras
 from keras import layers as L
 
 import deepshap_opt

@@ -3,9 +3,9 @@
 Marked slow (tracing a DenseNet201 takes a while on 2 cores): run with ``pytest -m slow tests/tf``.
 """
 
+import keras
 import numpy as np
 import pytest
-import keras
 
 from deepshap_opt.tf import DeepExplainer
 

@@ -1,8 +1,8 @@
 """The same network in PyTorch and in Keras (same weights) gives the same SHAP values from both backends."""
 
+import keras
 import numpy as np
 import pytest
-import keras
 from keras import layers as L
 
 from deepshap_opt.tf import DeepExplainer as TFExplainer

@@ -1,9 +1,8 @@
 """Completeness (Σφ = f(x) − E f within 1e-4 of the output scale, float32) on a small model per op."""
 
+import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-import keras
 from keras import layers as L
 
 from deepshap_opt.tf import DeepExplainer
@@ -43,6 +42,24 @@ class MHAModel(keras.Model):
         return self.out(L.Flatten()(self.mha(x, x)))
 
 
+def _global_pools(i):
+    return keras.Model(i, L.Dense(3)(L.Concatenate()([L.GlobalMaxPooling2D()(L.Conv2D(3, 3)(i)),
+                                                      L.GlobalAveragePooling2D()(L.Conv2D(3, 3)(i))])))
+
+
+def _merges(i):
+    return keras.Model(i, L.Dense(3)(L.Concatenate()([
+        L.Add()([L.Dense(4, activation="relu")(i), L.Dense(4)(i)]),
+        L.Subtract()([L.Dense(4)(i), L.Dense(4, activation="tanh")(i)]),
+        L.Multiply()([L.Dense(4, activation="sigmoid")(i), L.Dense(4)(i)]),
+        L.Average()([L.Dense(4)(i), L.Dense(4, activation="relu")(i)])])))
+
+
+def _built(model, shape):
+    model(np.zeros(shape, "float32"))
+    return model
+
+
 MODELS = {
     **{f"act_{a}": _act(a) for a in ACTIVATIONS},
     "gelu_tanh": lambda: seq((6,), L.Dense(5), GeluTanh(), L.Dense(3)),
@@ -60,18 +77,12 @@ MODELS = {
     "maxpool1d": lambda: seq((10, 2), L.Conv1D(3, 3), L.MaxPooling1D(2), *head()),
     "maxpool3d": lambda: seq((6, 6, 6, 1), L.Conv3D(2, 3), L.MaxPooling3D(2), *head()),
     "avgpool": lambda: seq((8, 8, 2), L.Conv2D(3, 3), L.ReLU(), L.AveragePooling2D(2), *head()),
-    "global_pools": lambda: (lambda i: keras.Model(i, L.Dense(3)(L.Concatenate()([
-        L.GlobalMaxPooling2D()(L.Conv2D(3, 3)(i)), L.GlobalAveragePooling2D()(L.Conv2D(3, 3)(i))]))))(
-        keras.Input((7, 7, 2))),
+    "global_pools": lambda: _global_pools(keras.Input((7, 7, 2))),
     "upsampling": lambda: seq((4, 4, 2), L.UpSampling2D(2), L.Conv2D(2, 3, activation="relu"), *head()),
     "upsampling_bilinear": lambda: seq((4, 4, 2), L.UpSampling2D(2, interpolation="bilinear"), L.ReLU(), *head()),
     "pad_crop_reshape_permute": lambda: seq((6, 6, 2), L.ZeroPadding2D(2), L.Cropping2D(1), L.Conv2D(2, 3),
                                             L.ReLU(), L.Permute((3, 1, 2)), L.Reshape((-1, 4)), *head()),
-    "merges": lambda: (lambda i: keras.Model(i, L.Dense(3)(L.Concatenate()([
-        L.Add()([L.Dense(4, activation="relu")(i), L.Dense(4)(i)]),
-        L.Subtract()([L.Dense(4)(i), L.Dense(4, activation="tanh")(i)]),
-        L.Multiply()([L.Dense(4, activation="sigmoid")(i), L.Dense(4)(i)]),
-        L.Average()([L.Dense(4)(i), L.Dense(4, activation="relu")(i)])]))))(keras.Input((5,))),
+    "merges": lambda: _merges(keras.Input((5,))),
     "dropout": lambda: seq((6,), L.Dense(5, activation="relu"), L.Dropout(0.5), L.Dense(3)),
     "prelu": lambda: seq((6,), L.Dense(5), L.PReLU(), L.Dense(3)),
     "leaky_relu_layer": lambda: seq((6,), L.Dense(5), L.LeakyReLU(0.2), L.Dense(3)),
@@ -79,9 +90,8 @@ MODELS = {
                                      L.Dense(3)),
     "elu_layer": lambda: seq((6,), L.Dense(5), L.ELU(0.5), L.Dense(3)),
     "softmax_layer_axis": lambda: seq((3, 4), L.Dense(4), L.Softmax(axis=1), *head()),
-    "mha": lambda: (lambda m: (m(np.zeros((1, 4, 5), "float32")), m)[1])(MHAModel()),
+    "mha": lambda: _built(MHAModel(), (1, 4, 5)),
 }
-SHAPES = {}
 
 
 def _input_for(model):
