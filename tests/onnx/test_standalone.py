@@ -156,13 +156,14 @@ def test_deep_explainer_drop_in(exported):
     assert idx.shape == (3, 2)
     rows = np.arange(3)[:, None]
     np.testing.assert_allclose(v2, np.moveaxis(np.moveaxis(v, -1, 0)[idx.T, rows.T], 0, -1), atol=1e-7)
-    e2 = dso.DeepExplainer(path.replace("net.onnx", "net.onnx"), bg.numpy()) if False else None
-    del e2
     # a plain .onnx path works too
     plain = str(d / "plain.onnx")
     torch.onnx.export(model, (bg[:2],), plain, dynamo=False, opset_version=18, input_names=["input"],
                       output_names=["output"], dynamic_axes={"input": {0: "N"}, "output": {0: "N"}})
     e3 = dso.DeepExplainer(plain, bg.numpy())
+    import deepshap_opt
+
+    assert type(deepshap_opt.DeepExplainer(plain, bg.numpy())).__name__ == "ONNXDeepExplainer"
     np.testing.assert_allclose(e3.shap_values(X.numpy()), v, atol=1e-6)
     expl = e(X[:2])
     assert expl.values.shape == (2, 3, 16, 16, 5) and expl.base_values.shape == (2, 5)
