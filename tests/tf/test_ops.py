@@ -1,4 +1,7 @@
-"""Completeness (Σφ = f(x) − E f within 1e-4 of the output scale, float32) on a small model per op."""
+"""Completeness (Σφ = f(x) − E f within 1e-4 of the output scale, float32) on a small model per op.
+
+The activations run together in one model by default; one model per activation is marked slow.
+"""
 
 import keras
 import numpy as np
@@ -100,7 +103,27 @@ def _input_for(model):
     return tuple(model.inputs[0].shape[1:])
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+def _all_activations(i):
+    """One branch per Keras activation, so that a single trace covers them all."""
+    branches = [L.Activation(a)(L.Dense(3)(i)) for a in ACTIVATIONS] + [GeluTanh()(L.Dense(3)(i))]
+    return keras.Model(i, L.Dense(3)(L.Concatenate()(branches)))
+
+
+def test_completeness_all_activations_in_one_model(rng, check):
+    model = _all_activations(keras.Input((6,)))
+    bg = rng.normal(size=(6, 6)).astype("float32")
+    X = rng.normal(size=(3, 6)).astype("float32")
+    e = DeepExplainer(model, bg)
+    err, sv = check(e, lambda x: model(x, training=False).numpy(), X)
+    assert sv.shape == (3, 6, 3)
+    assert err < TOL, f"completeness error {err:.3g}"
+
+
+FAST = sorted(n for n in MODELS if not n.startswith("act_"))
+SLOW = [pytest.param(n, marks=pytest.mark.slow) for n in sorted(MODELS) if n.startswith("act_")]
+
+
+@pytest.mark.parametrize("name", FAST + SLOW)
 def test_completeness(name, rng, check):
     model = MODELS[name]()
     shape = _input_for(model)
