@@ -95,3 +95,24 @@ def test_integer_background_for_the_embedding_layer_form():
                                    rtol=1e-4, atol=1e-6)
     with pytest.raises(TypeError, match="floating-point"):
         DeepExplainer(model, ids_bg)
+
+
+def test_data_dependent_control_flow_is_reported():
+    from deepshap_opt.torch._tracer import ControlFlowError
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            if bool((x[:, 0] > 0).all()):       # a Python branch on the input's values
+                return self.fc(torch.relu(x))
+            return self.fc(x)
+
+    bg = BG.clone()
+    bg[:, 0] = bg[:, 0].abs() + 0.1
+    x = X.clone()
+    x[:, 0] = -x[:, 0].abs() - 0.1
+    with pytest.raises(ControlFlowError, match="different path"):
+        DeepExplainer(Branchy().eval(), bg).shap_values(x)
