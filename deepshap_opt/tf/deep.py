@@ -195,6 +195,7 @@ class DeepExplainer(ExplainerBase):
         layer, names = self._layer, []
         if layer is not None:
             orig = layer.call
+            had_own = "call" in vars(layer)
 
             def tagged(*args, **kwargs):
                 if not names:
@@ -213,10 +214,10 @@ class DeepExplainer(ExplainerBase):
             raise ValueError(f"the model cannot be called on inputs of shape {[tuple(s.shape) for s in specs]}: {e}") from e
         finally:
             if layer is not None:
-                try:
+                if had_own:
+                    object.__setattr__(layer, "call", orig)
+                else:
                     object.__delattr__(layer, "call")
-                except AttributeError:
-                    pass
         if layer is not None and not names:
             raise ValueError(f"layer {layer.name!r} was not called when the model ran")
         self._cf = cf
