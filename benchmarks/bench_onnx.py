@@ -245,7 +245,7 @@ def table(results, a) -> str:
         return min(v["all_s"]) if a.stat == "min" else v["latency_s"]
 
     lines = ["| model | floor (s) | shap torch (s) | ours torch (s) | onnx one-shot (s) | onnx / floor | "
-             "onnx / ours torch | speed-up vs shap | file (MB) | onnx peak RSS (MB) | onnx session init (s) |",
+             "onnx / ours torch | speed-up vs shap | file (MiB) | onnx peak RSS (MiB) | onnx session init (s) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, p=2: "—" if v is None else f"{v:.{p}f}"
     for r in results:
