@@ -245,15 +245,17 @@ def table(results, a) -> str:
         return min(v["all_s"]) if a.stat == "min" else v["latency_s"]
 
     lines = ["| model | floor (s) | shap torch (s) | ours torch (s) | onnx one-shot (s) | onnx / floor | "
-             "onnx / ours torch | speed-up vs shap | file (MiB) | onnx peak RSS (MiB) | onnx session init (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "onnx / ours torch | speed-up vs shap | file (MiB) | onnx peak RSS (MiB) | floor peak RSS (MiB) | "
+             "onnx session init (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, p=2: "—" if v is None else f"{v:.{p}f}"
     for r in results:
         fl, sh, ot, on = (lat(r, k) for k in ("floor", "shap", "ours_torch", "onnx"))
         ratio = lambda u, v: None if (u is None or v is None) else u / v
         lines.append(f"| {r['model']} | {f(fl)} | {f(sh)} | {f(ot)} | {f(on)} | {f(ratio(on, fl))} | "
                      f"{f(ratio(on, ot))} | {f(ratio(sh, on), 1)}× | {f(r.get('export', {}).get('file_mb'), 1)} | "
-                     f"{f(r.get('onnx', {}).get('peak_rss_mb'), 0)} | {f(r.get('onnx', {}).get('init_s'))} |")
+                     f"{f(r.get('onnx', {}).get('peak_rss_mb'), 0)} | {f(r.get('floor', {}).get('peak_rss_mb'), 0)} | "
+                     f"{f(r.get('onnx', {}).get('init_s'))} |")
     return "\n".join(lines)
 
 
