@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-__all__ = ["DeepExplainer", "MFABA"]
+__all__ = ["MFABA", "DeepExplainer"]
 
 
 def __getattr__(name):
