@@ -395,15 +395,20 @@ class DeepExplainer(ExplainerBase):
             @tf.custom_gradient
             def rule(z):
                 def grad(g):
+                    # sequenced so that each broadcast pair tensor dies before the next one is made
                     with tf.control_dependencies([g]):
-                        xb, rb = ctx.pairs(xin, rin)
-                        yxb, yrb = apply(xb), apply(rb)
+                        yx, yr = apply(xin), apply(rin)
+                        yxb, yrb = ctx.flat(ctx.bx(yx) + 0 * ctx.br(yr)), ctx.flat(ctx.br(yr) + 0 * ctx.bx(yx))
                         c = tf.minimum(yxb, yrb) if is_min else tf.maximum(yxb, yrb)
-                        routed = tf.gradients(yxb, xb, grad_ys=g * (c - yrb))[0] + \
-                            tf.gradients(yrb, rb, grad_ys=g * (yxb - c))[0]
-                        d = xb - rb
-                        small = tf.abs(d) < MAXPOOL_EPS
-                        return tf.where(small, tf.zeros_like(d), routed / tf.where(small, tf.ones_like(d), d))
+                        gx, gr = g * (c - yrb), g * (yxb - c)
+                        xb = ctx.pairs(xin, rin[:1])[0]
+                        routed_x = tf.gradients(apply(xb), xb, grad_ys=gx)[0]
+                    with tf.control_dependencies([routed_x]):
+                        rb = ctx.pairs(xin[:1], rin)[1]
+                        routed = routed_x + tf.gradients(apply(rb), rb, grad_ys=gr)[0]
+                    with tf.control_dependencies([routed]):
+                        d = ctx.flat(ctx.bx(xin) - ctx.br(rin))
+                        return tf.where(tf.abs(d) < MAXPOOL_EPS, tf.zeros_like(d), routed / d)
                 return self._zeros_out(site, ctx, lambda: apply(z)), grad
 
             env[site.output.ref()] = rule(x)
