@@ -92,7 +92,8 @@ class Site:
 
     @property
     def rule(self):
-        return spec.rule_for(self.canonical)
+        """The spec rule (a fused element-wise region is a rescale whatever its name)."""
+        return spec.RESCALE if self.kind == "rescale" else spec.rule_for(self.canonical)
 
 
 class GraphProgram:
@@ -345,7 +346,9 @@ class GraphProgram:
         types = {op.type for op in ops}
         name = "silu" if types <= {"Mul", "Sigmoid"} else "gelu" if types & {"Erf", "Erfc"} else \
             "mish" if "Softplus" in types else "prelu" if "Relu" in types else "elementwise"
-        return {"src": src, "ops": ops, "exit": exits[0], "canonical": name if name in spec.OPS else "silu"}
+        if "Tanh" in types and "Pow" in types:
+            name = "gelu_tanh"
+        return {"src": src, "ops": ops, "exit": exits[0], "canonical": name}
 
     # -- interpreter ------------------------------------------------------------------------------------
     def run(self, feeds: dict, ops=None, hooks: dict | None = None, env: dict | None = None) -> dict:

@@ -236,10 +236,6 @@ class DeepExplainer(ExplainerBase):
         self._bwd = tf.function(self._bwd_impl, autograph=False, reduce_retracing=False)
 
     # -- forward (explicands and references) -----------------------------------------------------------
-    def _site_tensors(self, site):
-        """The graph tensors whose values a site needs (the rescale output is recomputed, not cached)."""
-        return list(site.inputs)
-
     def _fwd_impl(self, *xs, derivatives=True):
         prog = self.prog
         env = prog.run({t.ref(): x for t, x in zip(prog.model_inputs, xs)})
