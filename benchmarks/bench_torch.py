@@ -398,6 +398,8 @@ def main(argv=None) -> int:
         if all(k in done for k in keys):
             continue
         base = {"model": case["model"], "method": case["method"]}
+        if len(case["modes"]) == 1:
+            base["mode"] = case["modes"][0]   # failed cases (OOM, timeout, crash) come back without it
         if case["skipped"] or args.report_only:
             new = [{**base, "mode": md, "status": "not run", "error": args.skip_reason} for md in case["modes"]
                    if (case["model"], case["method"], md) not in done]
