@@ -54,8 +54,10 @@ class ReferenceCache:
     def expected(self):
         return [(kind, op, [t.shape[1:] for t in ts]) for kind, op, ts in self.sites]
 
-    def nbytes_per_reference(self) -> int:
-        return sum(t[0].numel() * t.element_size() for _, _, ts in self.sites for t in ts)
+    def largest_site_nbytes(self) -> int:
+        """Bytes of the largest rule site's activations for one reference (what one backward row holds
+        at its peak, give or take a few temporaries)."""
+        return max((sum(t[0].numel() * t.element_size() for t in ts) for _, _, ts in self.sites), default=1)
 
 
 class _BackwardState:
@@ -311,9 +313,8 @@ class DeepExplainer(ExplainerBase):
     def _chunks(self, n: int, k: int, M: int) -> tuple[int, int]:
         """(explicands per chunk, references per chunk) so that n·k·M rows fit batch_size."""
         rows = self.batch_size
-        if rows is None:
-            per_row = max(self._cache.nbytes_per_reference() // max(len(self._cache.sites), 1) * 6, 1)
-            rows = max(1, self.memory_budget // per_row)
+        if rows is None:   # a backward row holds a few temporaries the size of the largest site
+            rows = max(1, self.memory_budget // (6 * self._cache.largest_site_nbytes()))
         if self._single_rows:
             return 1, max(1, min(M, rows // k))
         if rows >= k * M:
