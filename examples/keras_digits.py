@@ -14,15 +14,15 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import numpy as np  # noqa: E402
-import keras  # noqa: E402
-from keras import layers as L  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
+import keras
+import numpy as np
+from keras import layers as L
+from sklearn.datasets import load_digits
 
-from deepshap_opt.tf import DeepExplainer  # noqa: E402
+from deepshap_opt.tf import DeepExplainer
 
 
 def digits_cnn() -> keras.Model:
