@@ -1,22 +1,21 @@
-"""TensorFlow / Keras 3 backend: ``DeepExplainer`` (cached-reference DeepSHAP) and ``MFABA``.
+"""TensorFlow / Keras 3 backend: ``DeepExplainer`` (cached-reference DeepSHAP), ``MFABA`` and the
+``AttributionCallback`` training hook.
 
 ``import deepshap_opt.tf`` does not import TensorFlow; the classes are loaded on first access.
 """
 
 from __future__ import annotations
 
-__all__ = ["MFABA", "DeepExplainer"]
+__all__ = ["AttributionCallback", "DeepExplainer", "MFABA"]
+
+_LAZY = {"DeepExplainer": ".deep", "MFABA": ".mfaba", "AttributionCallback": ".logger"}
 
 
 def __getattr__(name):
-    if name == "DeepExplainer":
-        from .deep import DeepExplainer
+    if name in _LAZY:
+        import importlib
 
-        return DeepExplainer
-    if name == "MFABA":
-        from .mfaba import MFABA
-
-        return MFABA
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'deepshap_opt.tf' has no attribute {name!r}")
 
 
