@@ -14,9 +14,10 @@ from typing import NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from .._mfaba import VARIANTS, MFABASettings
+
 __all__ = ["MFABA", "VARIANTS", "MFABAPath"]
 
-VARIANTS = ("sharp", "smooth")
 #: The sharp variant's step is ``SHARP_SCALE · alpha`` in L2 norm (the reference's constant).
 SHARP_SCALE = 100.0
 
@@ -35,7 +36,7 @@ class MFABAPath(NamedTuple):
     lengths: object
 
 
-class MFABA:
+class MFABA(MFABASettings):
     """MFABA attributions of a Keras / TensorFlow classifier (Zhu et al., AAAI 2024).
 
     Parameters
@@ -59,23 +60,8 @@ class MFABA:
                  early_stop: bool = True):
         if not callable(model):
             raise TypeError(f"model must be a Keras model or a callable, got {type(model).__name__}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be positive, got {alpha!r}")
-        if not epsilon >= 0:
-            raise ValueError(f"epsilon must be non-negative, got {epsilon!r}")
+        super().__init__(variant, steps, alpha, epsilon, data_min, data_max, use_softmax, early_stop)
         self.model = model
-        self.variant = variant
-        self.steps = int(steps)
-        self.alpha = float(alpha)
-        self.epsilon = float(epsilon)
-        self.data_min = data_min
-        self.data_max = data_max
-        self.use_softmax = bool(use_softmax)
-        self.early_stop = bool(early_stop)
         # traced walks by settings; reduce_retracing keeps new batch sizes from retracing them
         self._walks = {}
 

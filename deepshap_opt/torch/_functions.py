@@ -203,11 +203,8 @@ class ReduceMax(torch.autograd.Function):
         return _safe_div(routed, d, MAXPOOL_EPS, 0.0), None, None
 
 
-class Bilinear(torch.autograd.Function):
-    """Two varying operands of a bilinear ``fn`` (mul, matmul, bmm, einsum): the VJP at the operand means.
-
-    grad_a = VJP_a(fn)(ā, b̄)·g with b̄ = ½(b_x + b_r) — the exact Shapley split, no division.
-    """
+class _TwoOperand(torch.autograd.Function):
+    """z = fn(a, b) with both operands varying; keeps copies of both for the rule's backward."""
 
     @staticmethod
     def forward(a, b, fn, site):
@@ -217,6 +214,13 @@ class Bilinear(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         a, b, fn, site = inputs
         ctx.a, ctx.b, ctx.fn, ctx.site = a.detach().clone(), b.detach().clone(), fn, site
+
+
+class Bilinear(_TwoOperand):
+    """Two varying operands of a bilinear ``fn`` (mul, matmul, bmm, einsum): the VJP at the operand means.
+
+    grad_a = VJP_a(fn)(ā, b̄)·g with b̄ = ½(b_x + b_r) — the exact Shapley split, no division.
+    """
 
     @staticmethod
     def backward(ctx, g):
@@ -227,20 +231,11 @@ class Bilinear(torch.autograd.Function):
         return sum_to(ga, ctx.a.shape), sum_to(gb, ctx.b.shape), None, None
 
 
-class ShapleyPair(torch.autograd.Function):
+class ShapleyPair(_TwoOperand):
     """Two varying operands of a general element-wise ``fn`` (div, maximum, minimum, pow):
 
     m_a = ½[(f(a_x,b_x) − f(a_r,b_x)) + (f(a_x,b_r) − f(a_r,b_r))] / Δa, symmetric for b; 0 where |Δ| < eps.
     """
-
-    @staticmethod
-    def forward(a, b, fn, site):
-        return fn(a, b)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        a, b, fn, site = inputs
-        ctx.a, ctx.b, ctx.fn, ctx.site = a.detach().clone(), b.detach().clone(), fn, site
 
     @staticmethod
     def backward(ctx, g):

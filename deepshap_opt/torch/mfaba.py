@@ -34,11 +34,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._mfaba import VARIANTS, MFABASettings
+
 __all__ = ["MFABA", "VARIANTS", "MFABAPath"]
 
 #: The two update rules of the reference code: normalised-gradient steps ("sharp") and sign steps inside
 #: an L∞ ball of radius ``epsilon`` around the input ("smooth").
-VARIANTS = ("sharp", "smooth")
 #: The sharp variant's step is ``SHARP_SCALE · alpha`` in L2 norm (the reference's constant).
 SHARP_SCALE = 100.0
 
@@ -58,7 +59,7 @@ class MFABAPath(NamedTuple):
     lengths: torch.Tensor
 
 
-class MFABA:
+class MFABA(MFABASettings):
     """MFABA attributions of a classifier (Zhu et al., AAAI 2024).
 
     Parameters
@@ -95,23 +96,8 @@ class MFABA:
                  early_stop: bool = True):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        if not alpha > 0:
-            raise ValueError(f"alpha must be positive, got {alpha!r}")
-        if not epsilon >= 0:
-            raise ValueError(f"epsilon must be non-negative, got {epsilon!r}")
+        super().__init__(variant, steps, alpha, epsilon, data_min, data_max, use_softmax, early_stop)
         self.model = model
-        self.variant = variant
-        self.steps = int(steps)
-        self.alpha = float(alpha)
-        self.epsilon = float(epsilon)
-        self.data_min = data_min
-        self.data_max = data_max
-        self.use_softmax = bool(use_softmax)
-        self.early_stop = bool(early_stop)
 
     # ------------------------------------------------------------------------------------------ public
     def attribute(self, x, target=None, return_path: bool = False):
