@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -159,7 +160,9 @@ def cnn(dim, conv, pool, norm=None):
 
 def zoo():
     """name → (model factory, per-sample input shape). Models are in eval mode."""
-    Z = {f"act_{type(a).__name__}_{i}": ((lambda a=a: tabular(a)), (6,)) for i, a in enumerate(ACTIVATIONS)}
+    # a fresh copy per model: .to(dtype) must not leak from one test into the next through a shared module
+    Z = {f"act_{type(a).__name__}_{i}": ((lambda a=a: tabular(copy.deepcopy(a))), (6,))
+         for i, a in enumerate(ACTIVATIONS)}
     C = {1: (nn.Conv1d, nn.ConvTranspose1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d,
              nn.AdaptiveMaxPool1d),
          2: (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d,
