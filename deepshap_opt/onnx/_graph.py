@@ -846,6 +846,21 @@ class ExplanationBuilder:
         strides = list(A.get("strides", [1] * nd))
         dil = list(A.get("dilations", [1] * nd))
         pb, pe = _pads_for(A, in_sp, out_sp, kshape, strides, dil)
+        group = A.get("group", 1)
+        if Wv is not None and all(st == 1 for st in strides):
+            # stride 1: the VJP is an ordinary Conv with the flipped, in/out-swapped kernel (onnxruntime's Conv
+            # kernels are faster than its ConvTranspose); pads d(k-1) - p
+            qb = [(kshape[i] - 1) * dil[i] - pb[i] for i in range(nd)]
+            qe = [in_sp[i] - out_sp[i] + (kshape[i] - 1) * dil[i] - qb[i] for i in range(nd)]
+            if min(qb + qe) >= 0:
+                cout, cin_g = Wv.shape[0], Wv.shape[1]
+                cout_g = cout // group
+                wg = Wv.reshape((group, cout_g, cin_g) + Wv.shape[2:])
+                wt = np.swapaxes(wg, 1, 2)                                      # (g, cin_g, cout_g, *k)
+                wt = wt[(Ellipsis,) + (slice(None, None, -1),) * nd]            # flip the spatial axes
+                wt = np.ascontiguousarray(wt.reshape((group * cin_g, cout_g) + Wv.shape[2:]))
+                return {x: b.op("Conv", [G, b.const(wt.astype(Wv.dtype))], strides=[1] * nd, pads=qb + qe,
+                                dilations=dil, group=group, kernel_shape=kshape)}
         op_, pe2 = [], []
         for i in range(nd):
             natural = (out_sp[i] - 1) * strides[i] + (kshape[i] - 1) * dil[i] + 1 - pb[i] - pe[i]
