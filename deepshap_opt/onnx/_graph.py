@@ -853,13 +853,17 @@ class ExplanationBuilder:
             qb = [(kshape[i] - 1) * dil[i] - pb[i] for i in range(nd)]
             qe = [in_sp[i] - out_sp[i] + (kshape[i] - 1) * dil[i] - qb[i] for i in range(nd)]
             if min(qb + qe) >= 0:
+                # the kernel is rearranged in-graph from the model's own weight (folded at load time by
+                # onnxruntime), so the file does not store the weights twice
                 cout, cin_g = Wv.shape[0], Wv.shape[1]
                 cout_g = cout // group
-                wg = Wv.reshape((group, cout_g, cin_g) + Wv.shape[2:])
-                wt = np.swapaxes(wg, 1, 2)                                      # (g, cin_g, cout_g, *k)
-                wt = wt[(Ellipsis,) + (slice(None, None, -1),) * nd]            # flip the spatial axes
-                wt = np.ascontiguousarray(wt.reshape((group * cin_g, cout_g) + Wv.shape[2:]))
-                return {x: b.op("Conv", [G, b.const(wt.astype(Wv.dtype))], strides=[1] * nd, pads=qb + qe,
+                ks = list(Wv.shape[2:])
+                wt = b.reshape(w, [group, cout_g, cin_g, *ks])
+                wt = b.transpose(wt, [0, 2, 1] + list(range(3, 3 + nd)))          # (g, cin_g, cout_g, *k)
+                wt = b.reshape(wt, [group * cin_g, cout_g, *ks])
+                wt = b.op("Slice", [wt, b.i64([-1] * nd), b.i64([-(2 ** 62)] * nd), b.i64(list(range(2, 2 + nd))),
+                                    b.i64([-1] * nd)])                           # flip the spatial axes
+                return {x: b.op("Conv", [G, wt], strides=[1] * nd, pads=qb + qe,
                                 dilations=dil, group=group, kernel_shape=kshape)}
         op_, pe2 = [], []
         for i in range(nd):
