@@ -260,17 +260,21 @@ def _softmax_parts(z, z_r, dim):
     return u, v, lx, lr
 
 
-class Softmax(torch.autograd.Function):
-    """Softmax decomposed exactly (exp → Σ → e/s), see :class:`deepshap_opt.rules.spec.Softmax`."""
-
-    @staticmethod
-    def forward(z, dim, site):
-        return torch.softmax(z, dim)
+class _OfLogits(torch.autograd.Function):
+    """A rule on logits z along ``dim``; keeps a copy of z for the backward."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         z, dim, site = inputs
         ctx.z, ctx.dim, ctx.site = z.detach().clone(), dim, site
+
+
+class Softmax(_OfLogits):
+    """Softmax decomposed exactly (exp → Σ → e/s), see :class:`deepshap_opt.rules.spec.Softmax`."""
+
+    @staticmethod
+    def forward(z, dim, site):
+        return torch.softmax(z, dim)
 
     @staticmethod
     def backward(ctx, g):
@@ -283,17 +287,12 @@ class Softmax(torch.autograd.Function):
         return (0.5 * g * (u + v) - 0.5 * (v * px + u * pr)).to(dt), None, None
 
 
-class LogSoftmax(torch.autograd.Function):
+class LogSoftmax(_OfLogits):
     """Log-softmax decomposed exactly (z − log Σ exp z), see :class:`deepshap_opt.rules.spec.LogSoftmax`."""
 
     @staticmethod
     def forward(z, dim, site):
         return torch.log_softmax(z, dim)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        z, dim, site = inputs
-        ctx.z, ctx.dim, ctx.site = z.detach().clone(), dim, site
 
     @staticmethod
     def backward(ctx, g):
