@@ -144,7 +144,8 @@ class Rescale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         r_in, r_out = ctx.site.refs()
-        return Kernel.apply("rescale_times", ctx.site.state.fuse, g, ctx.x, ctx.y, ctx.dfx, r_in, r_out), None, None, None
+        grad = Kernel.apply("rescale_times", ctx.site.state.fuse, g, ctx.x, ctx.y, ctx.dfx, r_in, r_out)
+        return grad, None, None, None
 
 
 class MaxPool(torch.autograd.Function):
