@@ -1019,15 +1019,18 @@ class ExplanationBuilder:
         r = len(self.plan.rest[node.input[0]]) + 1
         return self._reduce_extreme(node, G, list(range(2, r)), True, is_min=False)
 
+    def _axes(self, node, A):
+        """A Reduce* node's axes: its second input (opset 18+) or its ``axes`` attribute; [] when absent."""
+        if len(node.input) > 1 and node.input[1]:
+            return [int(a) for a in self.plan.const(node.input[1]).reshape(-1)]
+        return list(A.get("axes", []))
+
     def reduce_max_rule(self, node, G):
         p = self.plan
         x = node.input[0]
         A = _attrs(node)
         r = len(p.rest[x]) + 1
-        if len(node.input) > 1 and node.input[1]:
-            axes = [int(a) for a in p.const(node.input[1]).reshape(-1)]
-        else:
-            axes = list(A.get("axes", []))
+        axes = self._axes(node, A)
         if not axes:
             if A.get("noop_with_empty_axes", 0):
                 return G
@@ -1106,10 +1109,7 @@ class ExplanationBuilder:
         x = node.input[0]
         A = _attrs(node)
         r = len(p.rest[x]) + 1
-        if len(node.input) > 1 and node.input[1]:
-            axes = [int(a) for a in p.const(node.input[1]).reshape(-1)]
-        else:
-            axes = list(A.get("axes", []))
+        axes = self._axes(node, A)
         if not axes:
             if A.get("noop_with_empty_axes", 0):
                 return G
