@@ -68,6 +68,12 @@ SOFTMAX = {"Softmax": "softmax", "LogSoftmax": "log_softmax"}
 PREDICATES = {"Greater", "GreaterEqual", "Less", "LessEqual", "Equal", "NotEqual", "LogicalAnd", "LogicalOr",
               "LogicalNot", "IsNan", "IsInf", "IsFinite"}
 ELEMENTWISE = set(UNARY) | BINARY | PREDICATES | {"Neg", "Cast", "SelectV2", "Select"}
+#: random ops that are not named *Random* (a model output that depends on any random op is refused)
+RANDOM_OPS = {"Multinomial", "TruncatedNormal", "ParameterizedTruncatedNormal", "StatelessMultinomial"}
+
+
+def _is_random(op) -> bool:
+    return "Random" in op.type or op.type in RANDOM_OPS
 
 
 def _scope(op) -> str:
@@ -105,9 +111,13 @@ class GraphProgram:
         self.graph = g
         self.model_inputs = list(g.inputs[:num_inputs])
         self.captures = {id(internal): external for external, internal in g.captures}
-        outs = [t for t in tf.nest.flatten(cf.structured_outputs)]
-        if len(outs) != 1:
-            raise ValueError(f"the model must have one output tensor, it has {len(outs)}")
+        structured = cf.structured_outputs
+        outs = [t for t in tf.nest.flatten(structured)]
+        if len(outs) != 1 or not isinstance(outs[0], tf.Tensor):
+            kind = type(structured).__name__
+            raise TypeError(f"the model returned a {kind} of {len(outs)} values; DeepExplainer needs a single "
+                            "tensor (N, K) or (N,): explain one output, e.g. DeepExplainer((model.inputs, "
+                            "model.outputs[0]), data) or a wrapper model returning that tensor")
         self._ops = [op for op in g.get_operations()]
         self._alias = {}
         for op in self._ops:
@@ -148,6 +158,11 @@ class GraphProgram:
     def _analyse(self):
         needed = self._needed([self.output])
         self.needed = needed
+        for op in needed:
+            if _is_random(op):
+                raise UnsupportedOperatorError(
+                    op.type, _scope(op), hint="the model output is random (dropout or noise called with "
+                    "training=True?); DeepSHAP explains a deterministic model: call such layers with training=False")
         explained = {t.ref() for t in self.explained}
         for t in self.explained:
             if not t.dtype.is_floating:

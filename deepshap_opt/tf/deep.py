@@ -17,15 +17,22 @@ model's weights change (a fingerprint of the variables is checked on every call)
 
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 import tensorflow as tf
 
-from .._explainer import ExplainerBase
+from .._explainer import ExplainerBase, assert_additivity, format_values, output_selector
 from ..rules.spec import MAXPOOL_EPS, RESCALE_EPS
 from . import _rules
 from ._graph import GraphProgram
 
 _LAYER_TAG = "deepshap_opt_layer_input"
+#: default bound (bytes) on the working set of one backward pass (the reference cache is not included)
+DEFAULT_MEMORY_BUDGET = 2**30
+#: construction patches ``layer.call`` of a (model, layer) pair while tracing: one construction at a time
+_TRACE_LOCK = threading.RLock()
 
 
 def _is_keras_tensor(t) -> bool:
@@ -46,7 +53,45 @@ def _to_array(x, what: str):
         raise TypeError(f"{what} must be array-like (numpy, tf.Tensor or DataFrame), got {type(x).__name__}") from e
     if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
         raise TypeError(f"{what} must hold numbers, got dtype {a.dtype}")
+    if np.issubdtype(a.dtype, np.complexfloating):
+        raise TypeError(f"{what} has complex dtype {a.dtype}: DeepSHAP attributes real inputs")
+    if a.ndim == 0:
+        raise ValueError(f"{what} must have a batch axis, got a scalar")
     return a
+
+
+def _cast(a, dt, what):
+    """a as the model input's dtype dt; refuses integer data for a float input and NaN/Inf."""
+    dt = np.dtype(dt)
+    if np.issubdtype(dt, np.floating):
+        if not np.issubdtype(a.dtype, np.floating):
+            raise TypeError(f"{what} has dtype {a.dtype} but the model input is {dt.name}: only floating-point inputs "
+                            f"can be attributed; convert explicitly ({what}.astype('{dt.name}')). For token ids, "
+                            "explain the embedding's output: DeepExplainer((model, layer_after_embedding), data)")
+        c = a.astype(dt, copy=False)
+        if not np.isfinite(c).all():
+            late = c is not a and np.isfinite(a).all()
+            raise ValueError(f"{what} contains NaN or Inf{' after conversion to ' + dt.name if late else ''}: "
+                             "DeepSHAP needs finite inputs")
+        return c
+    if np.issubdtype(a.dtype, np.floating) and (not np.isfinite(a).all() or np.any(a != np.round(a))):
+        raise TypeError(f"{what} has non-integer values but the model input is {dt.name}")
+    return a.astype(dt, copy=False)
+
+
+def _available_memory():
+    """Bytes of memory available to this process (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    try:  # pragma: no cover - not Linux
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return None
 
 
 def _pad_rows(a, n):
@@ -114,13 +159,24 @@ class DeepExplainer(ExplainerBase):
         KerasTensors of a functional graph, or ``(model, layer)`` to explain the input of ``layer``.
     data : the background (references): an array, tensor or DataFrame ``(M, ...)``, or a list of those
         for a multi-input model.
-    batch_size : most explicand × reference rows in one backward pass (bounds memory; default 32).
+    batch_size : most explicand × reference rows in one backward pass; None (default) picks it from
+        ``memory_budget``. It bounds memory and does not change the values.
+    memory_budget : bytes for the working set of one backward pass when ``batch_size`` is None (default
+        1 GiB; about six row-sized temporaries of the largest rule site per row). The reference cache
+        (``cache_nbytes``: M × the site values of one row) comes on top.
+
+    Calls are serialised per explainer (a lock): an explainer may be shared between threads.
     """
 
-    def __init__(self, model, data, batch_size: int = 32):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.batch_size = int(batch_size)
+    def __init__(self, model, data, batch_size: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET):
+        if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer))
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, np.integer)) or memory_budget < 1:
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+        self._batch_size_arg = None if batch_size is None else int(batch_size)
+        self.memory_budget = int(memory_budget)
+        self._lock = threading.RLock()
         self._layer = None
         self._model = self._resolve_model(model)
         self.multi_input = isinstance(data, (list, tuple))
@@ -128,15 +184,20 @@ class DeepExplainer(ExplainerBase):
         if not data_list:
             raise ValueError("data is an empty list")
         arrays = [_to_array(d, "data") for d in data_list]
-        m = arrays[0].shape[0] if arrays[0].ndim else 0
-        if any(a.ndim < 1 or a.shape[0] != m for a in arrays) or m == 0:
-            raise ValueError("data must have at least one row (and the same number of rows for every input); got "
-                             f"shapes {[a.shape for a in arrays]}")
-        self._in_dtypes = self._input_dtypes(len(arrays))
-        self.data = [a.astype(dt, copy=False) for a, dt in zip(arrays, self._in_dtypes)]
+        m = arrays[0].shape[0]
+        if m == 0:
+            raise ValueError("the background (data) is empty: pass at least one reference row")
+        if any(a.shape[0] != m for a in arrays):
+            raise ValueError("every background array must have the same number of rows; got shapes "
+                             f"{[a.shape for a in arrays]}")
+        self._in_dtypes = self._input_dtypes(arrays)
+        self.data = [_cast(a, dt, "data") for a, dt in zip(arrays, self._in_dtypes)]
         self._row_shapes = [a.shape[1:] for a in self.data]
         self.M = m
-        self._trace()
+        with _TRACE_LOCK:
+            self._trace()
+        self._multi_values = self.multi_input or len(self.prog.explained) > 1
+        self._plan()
         self._build_cache()
 
     # -- model forms -----------------------------------------------------------------------------------
@@ -168,7 +229,8 @@ class DeepExplainer(ExplainerBase):
         raise TypeError(f"model must be a Keras model, (inputs, outputs) KerasTensors or (model, layer); got "
                         f"{type(model).__name__}")
 
-    def _input_dtypes(self, k):
+    def _input_dtypes(self, arrays):
+        k = len(arrays)
         dts = []
         specs = getattr(self._model, "inputs", None)
         try:
@@ -179,7 +241,12 @@ class DeepExplainer(ExplainerBase):
             dt = None
             if specs and len(specs) == k:
                 dt = getattr(specs[i], "dtype", None)
-            dt = np.dtype(tf.as_dtype(dt).as_numpy_dtype) if dt else np.dtype(np.float32)
+            if dt:
+                dt = np.dtype(tf.as_dtype(dt).as_numpy_dtype)
+            elif np.issubdtype(arrays[i].dtype, np.integer):      # unknown input spec: integer data stays integer
+                dt = np.dtype(np.int64 if arrays[i].dtype.itemsize > 4 else np.int32)
+            else:
+                dt = np.dtype(np.float32)
             dts.append(dt)
         return dts
 
@@ -235,6 +302,52 @@ class DeepExplainer(ExplainerBase):
         # traced per chunk shape (static shapes let grappler drop the surrogate's forward values)
         self._bwd = tf.function(self._bwd_impl, autograph=False, reduce_retracing=False)
 
+    # -- planning: which values are cached, how many rows per backward ----------------------------------
+    def _plan(self):
+        """Unique site values to cache (slots), the rows per backward pass, the reference chunk size."""
+        prog = self.prog
+        slots, index = [], {}
+        self._site_slots = []
+        for site in prog.sites:
+            idx = []
+            for t in site.inputs:
+                key = prog.resolve(t).ref()
+                if key not in index:
+                    index[key] = len(slots)
+                    slots.append(prog.resolve(t))
+                idx.append(index[key])
+            self._site_slots.append(idx)
+        self._slots = slots
+
+        def row_bytes(t):
+            dims = t.shape.as_list()[1:] if t.shape.rank else None
+            if dims is None or any(d is None for d in dims):
+                return None
+            return int(np.prod(dims, dtype=np.int64)) * t.dtype.size
+
+        sizes = [row_bytes(t) for t in slots] + [row_bytes(s.output) for s in prog.sites] + \
+            [row_bytes(t) for t in prog.explained]
+        known = [z for z in sizes if z is not None]
+        self._largest_row = max(known) if known else None
+        per_row_cache = sum(z for z in (row_bytes(t) for t in slots) if z is not None) + \
+            sum(z for z in (row_bytes(t) for t in prog.explained) if z is not None)
+        #: bytes of the reference cache (M rows of every cached site value and explained input)
+        self.cache_nbytes = int(per_row_cache) * self.M
+        if self._batch_size_arg is not None:
+            rows = self._batch_size_arg
+        elif self._largest_row:
+            rows = max(1, self.memory_budget // (6 * self._largest_row))
+        else:
+            rows = 32
+        self.batch_size = int(rows)
+        self._mc = min(self.M, self.batch_size)       # references per backward chunk (the cache's chunking)
+        avail = _available_memory()
+        if avail is not None and self.cache_nbytes > 0.8 * avail:
+            raise ValueError(
+                f"the reference cache would need {self.cache_nbytes / 2**30:.1f} GiB for M={self.M} background rows "
+                f"({per_row_cache / 2**20:.1f} MiB per row) and {avail / 2**30:.1f} GiB are available: pass fewer "
+                "background rows (a few hundred are usually enough)")
+
     # -- forward (explicands and references) -----------------------------------------------------------
     def _fwd_impl(self, *xs, derivatives=True):
         prog = self.prog
@@ -242,13 +355,14 @@ class DeepExplainer(ExplainerBase):
         out = prog.value(env, prog.output)
         if self._vector_out:
             out = out[:, None]
-        vals, dfs = [], []
-        for site in prog.sites:
-            vals.append([prog.value(env, t) for t in site.inputs])
-            if site.kind == "rescale" and derivatives:
-                s = tf.identity(prog.value(env, site.inputs[0]))     # a private copy: a local gradient
-                d = tf.gradients(self._recompute_output(site, s), s)[0]
-                dfs.append(tf.zeros_like(s) if d is None else d)
+        vals = [prog.value(env, t) for t in self._slots]
+        dfs = []
+        if derivatives:
+            for site in prog.sites:
+                if site.kind == "rescale":
+                    s = tf.identity(prog.value(env, site.inputs[0]))     # a private copy: a local gradient
+                    d = tf.gradients(self._recompute_output(site, s), s)[0]
+                    dfs.append(tf.zeros_like(s) if d is None else d)
         expl = [prog.value(env, t) for t in prog.explained]
         return out, expl, vals, dfs
 
@@ -261,23 +375,28 @@ class DeepExplainer(ExplainerBase):
     def _chunks(self, n, size):
         return [(i, min(i + size, n)) for i in range(0, n, size)]
 
-    def _build_cache(self):
-        outs, expl, vals = [], [], []
-        for a, b in self._chunks(self.M, max(self.batch_size, 1)):
-            o, e, v, _ = self._fwd_ref(*[tf.convert_to_tensor(d[a:b]) for d in self.data])
-            outs.append(o)
-            expl.append(e)
-            vals.append(v)
-        cat = lambda parts: tf.concat(parts, 0) if len(parts) > 1 else parts[0]
-        self._ref_out = cat(outs)
-        self._ref_expl = [cat([e[i] for e in expl]) for i in range(len(expl[0]))]
-        self._ref_vals = [[cat([v[s][j] for v in vals]) for j in range(len(vals[0][s]))] for s in range(len(vals[0]))]
-        for t in self._ref_expl + [x for v in self._ref_vals for x in v]:
-            if t.shape.rank == 0 or t.shape[0] != self.M:
+    def _check_batch_axis(self, tensors, rows):
+        for t in tensors:
+            if t.shape.rank == 0 or t.shape[0] != rows:
                 raise ValueError("a tensor inside the model does not keep the batch axis first (the batch is folded "
                                  "or reduced); DeepSHAP needs every activation to have one row per input row")
-        ev = np.asarray(self._ref_out.numpy(), np.float64).mean(axis=0)
-        self.expected_value = ev
+
+    def _build_cache(self):
+        """Forward the references once, in chunks of exactly ``_mc`` rows (the last one padded, its padding
+        weighted 0); the chunks are kept as they are (no concatenated copy)."""
+        self._ref_chunks = None                      # free the old cache before building the new one
+        chunks, outs, mc = [], [], self._mc
+        for a, b in self._chunks(self.M, mc):
+            o, e, v, _ = self._fwd_ref(*[tf.convert_to_tensor(_pad_rows(d[a:b], mc)) for d in self.data])
+            self._check_batch_axis(e + v + [o], mc)
+            outs.append(o.numpy()[:b - a])
+            w = np.zeros(mc, e[0].dtype.as_numpy_dtype)
+            w[:b - a] = 1
+            chunks.append((e, v, tf.constant(w)))
+        self._ref_chunks = chunks
+        self._expl_shapes = [tuple(t.shape[1:]) for t in chunks[0][0]]
+        self._expl_dtype = chunks[0][0][0].dtype.as_numpy_dtype
+        self.expected_value = np.asarray(np.concatenate(outs, 0), np.float64).mean(axis=0)
         self._fp = self._fingerprint()
 
     # -- backward over explicand × reference pairs -----------------------------------------------------
@@ -295,7 +414,7 @@ class DeepExplainer(ExplainerBase):
         hooks = {}
         dfi = 0
         for si, site in enumerate(prog.sites):
-            vx, vr = vals_x[si], vals_r[si]
+            vx, vr = [vals_x[j] for j in self._site_slots[si]], [vals_r[j] for j in self._site_slots[si]]
             if site.kind == "rescale":
                 hooks[id(site.op)] = self._rescale_hook(site, vx[0], vr[0], dfs_x[dfi], ctx)
                 dfi += 1
@@ -469,6 +588,34 @@ class DeepExplainer(ExplainerBase):
         return hook
 
     # -- the public computation -----------------------------------------------------------------------
+    def shap_values(self, X, ranked_outputs=None, output_rank_order="max", check_additivity=True):
+        """SHAP values of X, laid out as shap 0.51 lays them out.
+
+        Returns ``(N, *in, K)`` float64 — a list of those, one per input, for a multi-input model or a
+        ``(model, layer)`` pair whose layer takes several inputs; with ``ranked_outputs=k``,
+        ``(values, indexes)`` with values ``(N, *in, k)`` and indexes ``(N, k)``.
+        """
+        select = output_selector(ranked_outputs, output_rank_order, self.num_outputs)
+        phis, outputs, indexes, dtype = self._explain(X, select)
+        if check_additivity:
+            assert_additivity(phis, outputs, self.expected_value, indexes, dtype)
+        values = format_values(phis, self._multi_values)
+        return (values, indexes) if ranked_outputs is not None else values
+
+    def __call__(self, X):
+        """``shap.Explanation`` of X (a list of them for several explained inputs), base_values filled."""
+        if self._layer is None:
+            return super().__call__(X)
+        from shap import Explanation
+
+        values = self.shap_values(X)
+        data = self._last_explained                    # what is attributed: the layer's input values
+        n = data[0].shape[0]
+        base = np.broadcast_to(np.asarray(self.expected_value, np.float64), (n, self.num_outputs)).copy()
+        if self._multi_values:
+            return [Explanation(values=v, base_values=base, data=d) for v, d in zip(values, data)]
+        return Explanation(values=values, base_values=base, data=data[0])
+
     def _check_cache(self):
         fp = self._fingerprint()
         if fp.shape != self._fp.shape or not np.array_equal(fp, self._fp):
@@ -483,66 +630,71 @@ class DeepExplainer(ExplainerBase):
             if isinstance(X, (list, tuple)) and len(X) == 1 and not np.isscalar(X[0]) and \
                     np.ndim(X[0]) == len(self._row_shapes[0]) + 1:
                 X = X[0]
+            elif isinstance(X, (list, tuple)) and len(X) > 1 and all(hasattr(x, "shape") for x in X) and \
+                    np.ndim(X[0]) == len(self._row_shapes[0]) + 1:
+                raise ValueError(f"this model has one input: pass X as one array, not a list of {len(X)} arrays")
             xs = [X]
         arrays = []
         for i, (x, shape, dt) in enumerate(zip(xs, self._row_shapes, self._in_dtypes)):
             name = f"X[{i}]" if self.multi_input else "X"
-            a = _to_array(x, "X")
+            a = _to_array(x, name)
             if a.ndim == len(shape) and a.shape == tuple(shape):
                 raise ValueError(f"{name} has shape {a.shape}: pass a batch "
                                  f"(N, {', '.join(map(str, shape))})")
             if a.shape[1:] != tuple(shape):
                 raise ValueError(f"{name} has rows of shape {a.shape[1:]}, the "
                                  f"background has {tuple(shape)}")
-            arrays.append(a.astype(dt, copy=False))
+            arrays.append(_cast(a, dt, name))
         if len({a.shape[0] for a in arrays}) != 1:
             raise ValueError(f"the inputs have different numbers of rows: {[a.shape[0] for a in arrays]}")
         return arrays
 
     def _explain(self, X, select):
         xs = self._inputs_of(X)
+        with self._lock:          # the cache check, a rebuild and the explanation happen as one step
+            return self._explain_locked(xs, select)
+
+    def _explain_locked(self, xs, select):
         self._check_cache()
-        N = xs[0].shape[0]
-        M = self.M
+        N, M = xs[0].shape[0], self.M
         per = max(1, self.batch_size // M) if self.batch_size >= M else 1
-        n_fix = min(per, N)                                 # every chunk padded to n_fix rows: one trace
-        mc = min(M, self.batch_size)
-        outputs, fwd = [], []
-        for a, b in self._chunks(N, per):
-            chunk = [_pad_rows(x[a:b], n_fix) for x in xs]
-            out, ex, vals, dfs = self._fwd(*[tf.convert_to_tensor(c) for c in chunk])
-            outputs.append(out.numpy()[:b - a])
-            fwd.append((ex, vals, dfs))
-        outputs = np.concatenate(outputs, 0) if outputs else np.zeros((0, self.num_outputs))
-        indexes = np.asarray(select(outputs)) if N else np.zeros((0, 0), int)
-        k = indexes.shape[1] if indexes.ndim == 2 else 0
-        phis = [np.zeros((N,) + tuple(t.shape[1:]) + (k,), np.float64) for t in self._ref_expl]
-        ref_chunks = self._ref_chunks(mc)
-        for (a, b), (ex, vals, dfs) in zip(self._chunks(N, per), fwd):
+        n_fix = max(1, min(per, N))                         # every chunk padded to n_fix rows: one trace
+        spans = self._chunks(N, n_fix)
+
+        def forward(a, b):
+            out, ex, vals, dfs = self._fwd(*[tf.convert_to_tensor(_pad_rows(x[a:b], n_fix)) for x in xs])
+            return out.numpy()[:b - a], ex, vals, dfs
+
+        # the outputs of every row first (select may rank across rows); with several chunks the site
+        # values are recomputed per chunk instead of being held for all N explicands at once
+        kept = None
+        if len(spans) == 1:
+            kept = forward(*spans[0])
+            outputs = kept[0]
+        else:
+            outputs = np.concatenate([forward(a, b)[0] for a, b in spans], 0) if spans else \
+                np.zeros((0, self.num_outputs), np.float32)
+        indexes = np.asarray(select(outputs))
+        k = indexes.shape[1]
+        phis = [np.zeros((N,) + s + (k,), np.float64) for s in self._expl_shapes]
+        explained = [np.zeros((N,) + s, self._expl_dtype) for s in self._expl_shapes]
+        for a, b in spans:
+            _, ex, vals, dfs = kept if kept is not None else forward(a, b)
+            for i, e in enumerate(ex):
+                explained[i][a:b] = e.numpy()[:b - a]
             for j in range(k):
                 idx = tf.constant(_pad_rows(indexes[a:b, j], n_fix), tf.int32)
                 acc = None
-                for rex, rvals, w in ref_chunks:
+                for rex, rvals, w in self._ref_chunks:
                     part = self._bwd(ex, rex, vals, dfs, rvals, idx, w)
                     acc = [p.numpy().astype(np.float64) for p in part] if acc is None else \
                         [s + p.numpy() for s, p in zip(acc, part)]
                 for i, s in enumerate(acc):
                     phis[i][a:b, ..., j] = s[:b - a] / M
+            ex = vals = dfs = kept = None
+        self._last_explained = explained
         return phis, outputs.astype(np.float64), indexes, self._in_dtypes[0] if self._layer is None else \
-            self._ref_expl[0].dtype.as_numpy_dtype
-
-    def _ref_chunks(self, mc):
-        """Reference chunks of exactly mc rows (the last one padded, its padding weighted 0)."""
-        key = (mc, id(self._ref_out))
-        if getattr(self, "_ref_chunk_key", None) != key:
-            chunks = []
-            for a, b in self._chunks(self.M, mc):
-                w = np.zeros(mc, self._ref_expl[0].dtype.as_numpy_dtype)
-                w[:b - a] = 1
-                chunks.append(([_pad_rows_tf(r[a:b], mc) for r in self._ref_expl],
-                               [[_pad_rows_tf(v[a:b], mc) for v in vs] for vs in self._ref_vals], tf.constant(w)))
-            self._ref_chunk_cache, self._ref_chunk_key = chunks, key
-        return self._ref_chunk_cache
+            self._expl_dtype
 
     def __repr__(self):
         return (f"deepshap_opt.tf.DeepExplainer({len(self.prog.sites)} rule sites, M={self.M}, "
