@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from ._convert import load_model, to_numpy_list
 
 __all__ = ["DeepExplainer", "build", "export"]
@@ -27,21 +25,16 @@ _PROTO_LIMIT = 2_000_000_000
 
 def build(model, background, *, outputs="top1", opset=None, cache="auto", output_name=None):
     """The explanation model as an ``onnx.ModelProto`` (see :func:`export` for the arguments)."""
+    from ._convert import check_background, check_background_arrays
     from ._graph import ExplanationBuilder, prepare_model
 
     bg = to_numpy_list(background)
+    check_background_arrays(bg)
     proto = load_model(model, bg, opset)
     proto = prepare_model(proto, opset)
-    bg = [b.astype(np.float32) if b.dtype == np.float64 and _input_is_f32(proto, i) else b for i, b in enumerate(bg)]
+    bg = check_background(proto, bg)
     builder = ExplanationBuilder(proto, bg, outputs=outputs, cache=cache, output_name=output_name)
-    out = builder.build()
-    return out
-
-
-def _input_is_f32(proto, i) -> bool:
-    inits = {t.name for t in proto.graph.initializer}
-    ins = [v for v in proto.graph.input if v.name not in inits]
-    return ins[i].type.tensor_type.elem_type == 1
+    return builder.build()
 
 
 def export(model, background, path, *, outputs="top1", opset=None, cache="auto", output_name=None,

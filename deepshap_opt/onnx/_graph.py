@@ -31,6 +31,8 @@ MIN_OPSET = 17
 EMBED_MAX_BYTES = 64 << 20
 #: ... or at most this fraction of the model's own weights
 EMBED_MAX_FRACTION = 0.5
+#: the references are run through the model in chunks of this many rows when their activations are cached
+REF_CHUNK = 64
 
 _SHAPE_OPS = {"Shape", "Size"}
 _ELEMENTWISE = {
@@ -76,7 +78,11 @@ def prepare_model(model: onnx.ModelProto, opset: int | None) -> onnx.ModelProto:
     if target != cur:
         from onnx import version_converter
 
-        model = version_converter.convert_version(model, target)
+        try:
+            model = version_converter.convert_version(model, target)
+        except Exception as exc:  # noqa: BLE001 - the converter raises RuntimeError/ValidationError/...
+            msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ValueError(f"could not convert the model from opset {cur} to {target}: {msg}") from None
     for v in list(model.graph.input) + list(model.graph.output):
         if v.type.HasField("tensor_type") and len(v.type.tensor_type.shape.dim):
             d = v.type.tensor_type.shape.dim[0]
@@ -132,7 +138,11 @@ class _Plan:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         so.log_severity_level = 3
-        sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        try:
+            sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's Fail/InvalidGraph/... have no common base
+            msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
+            raise ValueError(f"onnxruntime cannot load the model: {msg}") from None
         names = [o.name for o in sess.get_outputs()]
 
         def rows(k):
@@ -218,6 +228,9 @@ class ExplanationBuilder:
             if p.dtype[name] not in (np.float32, np.float64, np.float16):
                 raise TypeError(f"input {name!r} is {p.dtype[name]}: only floating-point inputs can be explained")
         self.y = output_name or p.graph_outputs[0]
+        if self.y not in p.graph_outputs:
+            raise ValueError(f"output_name {self.y!r} is not an output of the model (its outputs: "
+                             f"{p.graph_outputs})")
         if self.y not in p.var or not p.batched.get(self.y, False):
             raise ValueError(f"output {self.y!r} does not depend on the inputs with a batch axis")
         self.K = int(np.prod(p.rest[self.y], dtype=np.int64))
@@ -299,8 +312,12 @@ class ExplanationBuilder:
         """(P, *rest) → (N, S, M, *rest)."""
         rest = tuple(int(d) for d in rest)
         if rest not in self._to4:
-            self._to4[rest] = self.b.op("Concat", [self.Nt, self.b.i64([-1, self.M, *rest])], axis=0)
+            self._to4[rest] = self.nsm(*rest)
         return self.b.reshape(G, self._to4[rest])
+
+    def nsm(self, *rest) -> str:
+        """The shape (N, S, M, *rest) as a tensor (no -1: N may be 0)."""
+        return self.b.op("Concat", [self.Nt, self.St, self.b.i64([self.M, *[int(d) for d in rest]])], axis=0)
 
     def flat(self, G4: str, rest) -> str:
         return self.b.reshape(G4, [-1, *[int(d) for d in rest]])
@@ -349,8 +366,9 @@ class ExplanationBuilder:
             idx = b.op("Expand", [b.i64([[self.k]]), b.op("Concat", [self.Nt, b.i64([1])], axis=0)])
         else:
             tgt = "target"
-            idx = b.reshape(b.cast(tgt, TensorProto.INT64), b.op("Concat", [self.Nt, b.i64([-1])], axis=0))
+            idx = b.cast(tgt, TensorProto.INT64)                   # declared (N, S)
         self.idx = idx
+        self.St = b.op("Shape", [idx], start=1, end=2, hint="S")
         onehot = b.op("OneHot", [idx, b.i64(self.K), b.const(np.array([0, 1], ydt))], axis=-1)   # (N,S,K)
         seed = b.op("Expand", [b.unsqueeze(onehot, [2]), b.i64([1, 1, self.M, 1])])                 # (N,S,M,K)
         seed = self.flat(seed, p.rest[y])
@@ -472,8 +490,15 @@ class ExplanationBuilder:
                 dims = ["N", *p.rest[o.name]] if p.batched.get(o.name) else list(p.rest[o.name])
                 o = helper.make_tensor_value_info(o.name, helper.np_dtype_to_tensor_dtype(p.dtype[o.name]), dims)
             outs.append(o)
+        ins = []
+        for v in g.input:
+            if v.name in p.inputs and v.name in p.rest and v.type.HasField("tensor_type"):
+                # the explanation is built for the background's per-sample shape: say so in the file's
+                # signature, so that a runtime refuses another shape at the door, not deep inside the graph
+                v = helper.make_tensor_value_info(v.name, v.type.tensor_type.elem_type, ["N", *p.rest[v.name]])
+            ins.append(v)
         graph = helper.make_graph(
-            fwd + ref_nodes + b.nodes, g.name or "deepshap", list(g.input) + (
+            fwd + ref_nodes + b.nodes, g.name or "deepshap", ins + (
                 [helper.make_tensor_value_info("target", TensorProto.INT64, ["N", "S"])] if self.mode == "target"
                 else []),
             outs + list(new_outputs),
@@ -505,8 +530,10 @@ class ExplanationBuilder:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        res = sess.run(names, dict(zip(p.inputs, self.bg)))
-        return dict(zip(names, res))
+        parts = [sess.run(names, dict(zip(p.inputs, [b[s:s + REF_CHUNK] for b in self.bg])))
+                 for s in range(0, self.M, REF_CHUNK)]
+        return {n: np.concatenate([r[j] for r in parts]) if p.batched.get(n) else parts[0][j]
+                for j, n in enumerate(names)}
 
     @property
     def expected_value(self) -> np.ndarray:
@@ -516,7 +543,8 @@ class ExplanationBuilder:
             so = ort.SessionOptions()
             so.log_severity_level = 3
             sess = ort.InferenceSession(self.plan.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-            y = sess.run([self.y], dict(zip(self.plan.inputs, self.bg)))[0]
+            y = np.concatenate([sess.run([self.y], dict(zip(self.plan.inputs, [b[s:s + REF_CHUNK] for b in self.bg])))[0]
+                                for s in range(0, self.M, REF_CHUNK)])
             self._ev = np.asarray(y, np.float64).reshape(y.shape[0], -1).mean(0)
         return self._ev
 
@@ -996,7 +1024,7 @@ class ExplanationBuilder:
         yr4 = b.reshape(ry, [1, 1, self.M, C, ohw])
         yx4 = b.reshape(y, [-1, 1, 1, C, ohw])
         cmax = b.op("Max", [yx4, yr4])
-        G4 = b.reshape(G, b.op("Concat", [self.Nt, b.i64([-1, self.M, C, ohw])], axis=0))    # (N,S,M,C,ohw)
+        G4 = b.reshape(G, self.nsm(C, ohw))    # (N,S,M,C,ohw)
         ga = b.mul(G4, b.sub(cmax, yr4))
         gb = b.mul(G4, b.sub(yx4, cmax))
         shape = b.op("Shape", [G4])
@@ -1005,7 +1033,7 @@ class ExplanationBuilder:
             p.dtype[x]), [1], [0]))
         routed = b.op("ScatterElements", [zeros, b.op("Expand", [ix4, shape]), ga], axis=4, reduction="add")
         routed = b.op("ScatterElements", [routed, b.op("Expand", [rix4, shape]), gb], axis=4, reduction="add")
-        routed = b.op("Reshape", [routed, b.op("Concat", [self.Nt, b.i64([-1, self.M, *rest_in])], axis=0)])
+        routed = b.op("Reshape", [routed, self.nsm(*rest_in)])
         return self.flat(self._divide_delta(routed, x, spec.MAXPOOL_EPS), rest_in)
 
     def _divide_delta(self, routed4, x, eps):
@@ -1061,9 +1089,9 @@ class ExplanationBuilder:
         yx4 = b.reshape(y, [-1, 1, 1, *kshape, 1])
         yr4 = b.reshape(self.R4(y), [1, 1, self.M, *kshape, 1])
         c = b.op("Min" if is_min else "Max", [yx4, yr4])
-        G4 = b.reshape(G, b.op("Concat", [self.Nt, b.i64([-1, self.M, *kshape, 1])], axis=0))
+        G4 = b.reshape(G, self.nsm(*kshape, 1))
         routed = b.add(b.mul(b.mul(G4, b.sub(c, yr4)), mx), b.mul(b.mul(G4, b.sub(yx4, c)), mr))
-        routed = b.reshape(routed, b.op("Concat", [self.Nt, b.i64([-1, self.M, *kshape, *rshape])], axis=0))
+        routed = b.reshape(routed, self.nsm(*kshape, *rshape))
         order = perm[1:]                                                # rest axes in routed's order
         routed = b.transpose(routed, [0, 1, 2] + [3 + order.index(j) for j in range(1, r)])   # (N,S,M,*rest)
         return self.flat(self._divide_delta(routed, x, spec.MAXPOOL_EPS), rest_in)
@@ -1198,7 +1226,7 @@ class ExplanationBuilder:
         gamma = gamma.reshape((-1,) + (1,) * (len(rest) - 1)).astype(p.dtype[x])
         g = b.mul(G, b.const(gamma))
         grest = (ng, int(np.prod(rest)) // ng)
-        g4 = b.reshape(self.to4(g, rest), b.op("Concat", [self.Nt, b.i64([-1, self.M, *grest])], axis=0))
+        g4 = b.reshape(self.to4(g, rest), self.nsm(*grest))
         Xg = b.reshape(X4, [-1, 1, 1, *grest])
         Rg = b.reshape(R4, [1, 1, self.M, *grest])
         gx4 = self._norm_core(g4, Xg, Rg, [4], eps, x)
