@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-__all__ = ["AttributionCallback", "DeepExplainer", "MFABA"]
+__all__ = ["MFABA", "AttributionCallback", "DeepExplainer"]
 
 _LAZY = {"DeepExplainer": ".deep", "MFABA": ".mfaba", "AttributionCallback": ".logger"}
 

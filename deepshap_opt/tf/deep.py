@@ -68,7 +68,8 @@ def _cast(a, dt, what):
             raise TypeError(f"{what} has dtype {a.dtype} but the model input is {dt.name}: only floating-point inputs "
                             f"can be attributed; convert explicitly ({what}.astype('{dt.name}')). For token ids, "
                             "explain the embedding's output: DeepExplainer((model, layer_after_embedding), data)")
-        c = a.astype(dt, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            c = a.astype(dt, copy=False)
         if not np.isfinite(c).all():
             late = c is not a and np.isfinite(a).all()
             raise ValueError(f"{what} contains NaN or Inf{' after conversion to ' + dt.name if late else ''}: "

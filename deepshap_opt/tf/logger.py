@@ -37,7 +37,7 @@ def _seed_generators(model):
         g = global_state.get_global_attribute(GLOBAL_SEED_GENERATOR)   # never creates one
         if g is not None:
             gens.append(g)
-    except Exception:  # pragma: no cover - Keras internals moved
+    except Exception:  # noqa: BLE001, S110  # pragma: no cover - Keras internals moved
         pass
     layers = model._flatten_layers(include_self=True) if hasattr(model, "_flatten_layers") else []
     for layer in layers:
@@ -50,7 +50,7 @@ def _tf_global_generator():
         from tensorflow.python.ops import stateful_random_ops
 
         return getattr(stateful_random_ops, "global_generator", None)
-    except Exception:  # pragma: no cover - TF internals moved
+    except Exception:  # noqa: BLE001  # pragma: no cover - TF internals moved
         return None
 
 
@@ -169,7 +169,7 @@ class AttributionCallback(keras.callbacks.Callback):
         if it is not None:
             try:
                 return int(np.asarray(it.numpy() if hasattr(it, "numpy") else it))
-            except Exception:  # pragma: no cover - optimizer not built yet
+            except Exception:  # noqa: BLE001, S110  # pragma: no cover - optimizer not built yet
                 pass
         return self._batches
 

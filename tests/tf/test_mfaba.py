@@ -168,7 +168,7 @@ def test_torch_and_tf_agree_on_the_same_weights(model, variant, alpha):
     x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
     np.testing.assert_allclose(tmodel(torch.from_numpy(x_nchw)).detach().numpy(), model(x).numpy(),
                                rtol=1e-10)
-    kw = dict(variant=variant, steps=30, alpha=alpha, epsilon=0.05)
+    kw = {"variant": variant, "steps": 30, "alpha": alpha, "epsilon": 0.05}
     A_tf, p_tf = MFABA(model, **kw).attribute(x, return_path=True)
     A_t, p_t = TorchMFABA(tmodel, **kw).attribute(x_nchw, return_path=True)
     np.testing.assert_array_equal(p_tf.lengths, p_t.lengths)
