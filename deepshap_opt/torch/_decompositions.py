@@ -59,10 +59,24 @@ def instance_norm(mode, func, input, running_mean=None, running_var=None, weight
 # ---- ops that are linear under a condition: checked, then run as they are ---------------------------
 def batch_norm(mode, func, input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5):
+    """Eval-mode batch-norm as the per-channel affine map x·s + t it is.
+
+    Run as ``F.batch_norm``, its backward under ``vmap`` over the references folds the reference axis
+    into the channels and copies every (n·M, C, ...) gradient twice; a broadcast product has a free
+    batching rule and a cheaper backward."""
     if training:
         raise UnsupportedOperatorError(
             "torch.nn.functional.batch_norm", mode.where(),
             "batch statistics (training=True, or track_running_stats=False) mix the samples of a batch")
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    with torch.no_grad():
+        scale = torch.rsqrt(running_var + eps)
+        if weight is not None:
+            scale = scale * weight
+        shift = -running_mean * scale
+        if bias is not None:
+            shift = shift + bias
+    return input * scale.reshape(shape) + shift.reshape(shape)
 
 
 def dropout(mode, func, input, p=0.5, training=True, inplace=False):
@@ -222,14 +236,14 @@ def multi_head_attention_forward(
 
 #: name → precondition check; the op then takes the linear rule
 LINEAR_IF = {
-    "batch_norm": batch_norm, "embedding": embedding,
+    "embedding": embedding,
     **dict.fromkeys(("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout"),
                     dropout),
 }
 
 #: name → rewrite into primitives (run with the RuleMode active)
 DECOMPOSITIONS = {
-    "layer_norm": layer_norm, "rms_norm": rms_norm, "group_norm": group_norm, "instance_norm": instance_norm,
+    "batch_norm": batch_norm, "layer_norm": layer_norm, "rms_norm": rms_norm, "group_norm": group_norm, "instance_norm": instance_norm,
     "addmm": addmm, "addmv": addmv, "baddbmm": baddbmm, "addbmm": addbmm, "addcmul": addcmul, "addcdiv": addcdiv,
     "vector_norm": vector_norm, "norm": norm, "normalize": normalize, "var": var, "std": std,
     "logsumexp": logsumexp, "glu": glu, "scaled_dot_product_attention": scaled_dot_product_attention,

@@ -43,22 +43,19 @@ def sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
-#: closed-form f'(x) of parameter-free activations (saves a nested VJP per site on the hot path)
-CLOSED_FORM_DERIVATIVE = {
-    "relu": lambda x: (x > 0).to(x.dtype),
-    "sigmoid": lambda x: torch.sigmoid(x) * (1 - torch.sigmoid(x)),
-    "tanh": lambda x: 1 - torch.tanh(x) ** 2,
-    "silu": lambda x: torch.sigmoid(x) * (1 + x * (1 - torch.sigmoid(x))),
+#: closed-form f and f' of parameter-free activations: their rescale kernel needs only g, x and the
+#: reference input r (f(x), f(r) and f'(x) are recomputed inside the fused pass instead of stored)
+CLOSED_FORM = {
+    "relu": (torch.relu, lambda x: (x > 0).to(x.dtype)),
+    "sigmoid": (torch.sigmoid, lambda x: torch.sigmoid(x) * (1 - torch.sigmoid(x))),
+    "tanh": (torch.tanh, lambda x: 1 - torch.tanh(x) ** 2),
+    "silu": (torch.nn.functional.silu, lambda x: torch.sigmoid(x) * (1 + x * (1 - torch.sigmoid(x)))),
 }
 
 
-def derivative(fn, x: torch.Tensor, op: str | None = None) -> torch.Tensor:
-    """f'(x) of an element-wise ``fn`` at the explicand: closed form when ``op`` has one, else a VJP with
-    ones over the n explicand rows."""
-    x = x.detach()
-    if op in CLOSED_FORM_DERIVATIVE:
-        return CLOSED_FORM_DERIVATIVE[op](x)
-    y, vjp = torch.func.vjp(fn, x)
+def derivative(fn, x: torch.Tensor) -> torch.Tensor:
+    """f'(x) of an element-wise ``fn`` at the explicand: a VJP with ones over the n explicand rows."""
+    y, vjp = torch.func.vjp(fn, x.detach())
     (d,) = vjp(torch.ones_like(y))
     return d
 
@@ -68,6 +65,17 @@ def _rescale_times(g, x, y, dfx, r_in, r_out):
     d = x - r_in
     small = d.abs() < RESCALE_EPS
     return g * torch.where(small, dfx, (y - r_out) / torch.where(small, torch.ones_like(d), d))
+
+
+def _closed_rescale_times(op):
+    f, df = CLOSED_FORM[op]
+
+    def kernel(g, x, r_in):
+        """g · m of :func:`_rescale_times` for f = ``op``, from the inputs alone (one fused pass)."""
+        return _rescale_times(g, x, f(x), df(x), r_in, f(r_in))
+
+    kernel.__name__ = f"rescale_{op}_times"
+    return kernel
 
 
 def _routed_ratio(routed, x, r_in):
@@ -81,7 +89,8 @@ class RuleKernels:
     """The element-wise rule kernels, eager or fused by ``torch.compile`` (one pass over the n·M rows
     instead of ~8; the first compile takes a minute, later processes reuse inductor's on-disk cache)."""
 
-    EAGER = {"rescale_times": _rescale_times, "routed_ratio": _routed_ratio}
+    EAGER = {"rescale_times": _rescale_times, "routed_ratio": _routed_ratio,
+             **{f"rescale_{op}_times": _closed_rescale_times(op) for op in CLOSED_FORM}}
     FUSED: dict = {}
 
     @classmethod
@@ -128,7 +137,11 @@ class Kernel(torch.autograd.Function):
 
 
 class Rescale(torch.autograd.Function):
-    """Rescale rule: m = (f(x) − f(r)) / (x − r); f'(x) where |x − r| < RESCALE_EPS."""
+    """Rescale rule: m = (f(x) − f(r)) / (x − r); f'(x) where |x − r| < RESCALE_EPS.
+
+    The reference cache holds r only; f(r) is recomputed in the backward (inside the fused kernel for the
+    closed-form activations of :data:`CLOSED_FORM`), which halves the cache of every rescale site.
+    """
 
     @staticmethod
     def forward(x, fn, site, op=None):
@@ -137,14 +150,19 @@ class Rescale(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, fn, site, op = inputs
-        # clones: the model may modify x or y in place after this op (ReLU(inplace=True), ``out += ...``)
-        ctx.x, ctx.y, ctx.site = x.detach().clone(), output.detach().clone(), site
-        ctx.dfx = derivative(fn, x, op)
+        # clone: the model may modify x in place after this op (ReLU(inplace=True), ``out += ...``)
+        ctx.x, ctx.site, ctx.op, ctx.fn = x.detach().clone(), site, op, fn
+        if op not in CLOSED_FORM:
+            ctx.y, ctx.dfx = output.detach().clone(), derivative(fn, x)
 
     @staticmethod
     def backward(ctx, g):
-        r_in, r_out = ctx.site.refs()
-        grad = Kernel.apply("rescale_times", ctx.site.state.fuse, g, ctx.x, ctx.y, ctx.dfx, r_in, r_out)
+        (r_in,) = ctx.site.refs()
+        fuse = ctx.site.state.fuse
+        if ctx.op in CLOSED_FORM:
+            grad = Kernel.apply(f"rescale_{ctx.op}_times", fuse, g, ctx.x, r_in)
+        else:
+            grad = Kernel.apply("rescale_times", fuse, g, ctx.x, ctx.y, ctx.dfx, r_in, ctx.fn(r_in))
         return grad, None, None, None
 
 
@@ -169,15 +187,32 @@ class MaxPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         r_in, r_out, r_idx = ctx.site.refs()
-        c = torch.maximum(ctx.y, r_out)
         start = ctx.x.dim() - ctx.spatial
-        # one scatter-add of both routes (explicand's argmax gets c − y_r, reference's gets y_x − c)
-        vals = torch.cat([(g * (c - r_out)).flatten(start), (g * (ctx.y - c)).flatten(start)], -1)
-        idx = torch.cat([ctx.idx.flatten(start).expand_as(vals[..., : vals.shape[-1] // 2]),
-                         r_idx.flatten(start).expand_as(vals[..., vals.shape[-1] // 2:])], -1)
-        routed = ctx.x.new_zeros(ctx.x.flatten(start).shape).scatter_add(start, idx, vals)
-        return Kernel.apply("routed_ratio", ctx.site.state.fuse, routed.view(ctx.x.shape), ctx.x, r_in), \
-            None, None, None
+        vals, idx = _maxpool_routes(*(t.flatten(start) for t in (g, ctx.x, ctx.y, ctx.idx, r_in, r_out, r_idx)))
+        zeros = ctx.x.new_zeros(vals.shape[:-1] + (ctx.x.shape[start:].numel(),))
+        return zeros.scatter_add(-1, idx, vals).view(vals.shape[:-1] + ctx.x.shape[start:]), None, None, None
+
+
+def _maxpool_routes(g, x, y, idx, r_in, r_out, r_idx):
+    """Each pooled output's share of the max-pool rule, already divided by Δx at the input it routes to.
+
+    With c = max(y_x, y_r), the rule credits (c − y_r) at the explicand's argmax and (y_x − c) at the
+    reference's: exactly one of them is nonzero, g·(y_x − y_r) at the argmax of whichever is larger.
+    The final division by Δx acts per input position, so it distributes over the windows that route
+    there: each route is divided by Δx at its target (gathered) and one scatter-add finishes.
+
+    Shapes, spatial axes flattened: g, y, idx (n, C, L) / r_out, r_idx (1, C, L) pooled; x (n, C, L_in),
+    r_in (1, C, L_in). Returns (vals, target), both (n, C, L): the scatter's values and input positions.
+    """
+    take_x = y >= r_out
+    target = torch.where(take_x, idx, r_idx)
+    lead = target.shape[:-1]
+    x_at = torch.where(take_x, y, torch.gather(x.expand(*lead, x.shape[-1]), -1, target))
+    r_at = torch.where(take_x, torch.gather(r_in.expand(*lead, r_in.shape[-1]), -1, target), r_out)
+    d = x_at - r_at
+    small = d.abs() < MAXPOOL_EPS
+    vals = torch.where(small, torch.zeros_like(d), g * (y - r_out) / torch.where(small, torch.ones_like(d), d))
+    return vals, target
 
 
 class ReduceMax(torch.autograd.Function):

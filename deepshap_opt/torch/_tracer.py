@@ -203,7 +203,7 @@ class RuleMode(TorchFunctionMode):
     def _apply_rescale(self, x, fn, op, inplace=False, target=None, closed=None):
         if self.phase == "reference":
             y = fn(x)
-            self.site("rescale", (x, y), op)
+            self.site("rescale", (x,), op)
         else:
             site = self.site("rescale", (x,), op)
             # no clone for in-place ops: Rescale keeps its own copies of the values it needs, so the
