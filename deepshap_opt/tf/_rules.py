@@ -16,10 +16,28 @@ def _safe_div(num, den, small):
     return num / tf.where(small, tf.ones_like(den), den)
 
 
+def small_delta(d, eps, *values):
+    """Where d = x − r is too small to divide by: |d| < eps · min(1, max |values|), or d = 0.
+
+    ``values`` are the operands and results the division's numerator and denominator were computed from
+    (x, r, f(x), f(r)). When they are of magnitude ≥ 1 this is the spec's absolute threshold (|d| < eps).
+    Below 1 it shrinks with them: float rounding of a difference is relative to the magnitudes it was
+    computed from, so activations far below 1 (untrained keras.applications models reach 1e-12) keep their
+    exact secant instead of falling back — the fallback broke completeness at that scale. Where f(x) stays
+    near 1 while x is tiny (sigmoid near 0) the threshold stays the spec's: there the secant would be
+    rounding noise and the fallback f'(x) is accurate to second order.
+    """
+    scale = tf.abs(values[0])
+    for v in values[1:]:
+        scale = tf.maximum(scale, tf.abs(v))
+    scale = tf.minimum(tf.ones_like(d), scale + tf.zeros_like(d))
+    return (tf.abs(d) < eps * scale) | tf.equal(d, 0)
+
+
 def rescale_multiplier(s_x, s_r, y_x, y_r, dfx, eps: float = RESCALE_EPS):
     """m = (y_x − y_r)/(s_x − s_r); f'(s_x) where |s_x − s_r| < eps (spec.Rescale)."""
     d = s_x - s_r
-    small = tf.abs(d) < eps
+    small = small_delta(d, eps, s_x, s_r, y_x, y_r)
     m = _safe_div(y_x - y_r, d, small)
     return tf.where(small, dfx + tf.zeros_like(m), m)
 
@@ -63,7 +81,7 @@ def pair_multipliers(g2, a_x, a_r, b_x, b_r, eps: float = PAIR_EPS):
     cb = 0.5 * ((gxx - gxr) + (grx - grr))
     da = (a_x - a_r) + tf.zeros_like(ca)
     db = (b_x - b_r) + tf.zeros_like(cb)
-    sa, sb = tf.abs(da) < eps, tf.abs(db) < eps
+    sa, sb = small_delta(da, eps, a_x, a_r, gxx, grr), small_delta(db, eps, b_x, b_r, gxx, grr)
     m_a = tf.where(sa, tf.zeros_like(ca), _safe_div(ca, da, sa))
     m_b = tf.where(sb, tf.zeros_like(cb), _safe_div(cb, db, sb))
     return m_a, m_b
@@ -74,8 +92,19 @@ MAXLIKE_EPS = MAXPOOL_EPS
 
 def _rescale_apply(g, s_x, s_r, y_x, y_r, dfx):
     d = s_x - s_r
-    return g * tf.where(tf.abs(d) < RESCALE_EPS, dfx, (y_x - y_r) / d)
+    small = small_delta(d, RESCALE_EPS, s_x, s_r, y_x, y_r)
+    return g * tf.where(small, dfx, (y_x - y_r) / tf.where(small, tf.ones_like(d), d))
 
 
 #: g · m of the rescale rule fused into one XLA loop (no (n, m, ...) temporaries); inputs broadcast
 rescale_apply = tf.function(_rescale_apply, jit_compile=True, autograph=False, reduce_retracing=False)
+
+
+def _divide_routed(routed, x, r):
+    d = x - r
+    small = small_delta(d, MAXPOOL_EPS, x, r)
+    return tf.where(small, tf.zeros_like(routed), routed / tf.where(small, tf.ones_like(d), d))
+
+
+#: the max-pool rule's final step, routed / Δx (0 where Δx is too small), fused: no (n, m, ...) temporaries
+divide_routed = tf.function(_divide_routed, jit_compile=True, autograph=False, reduce_retracing=False)

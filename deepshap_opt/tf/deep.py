@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from .._explainer import ExplainerBase, assert_additivity, format_values, output_selector
-from ..rules.spec import MAXPOOL_EPS, RESCALE_EPS
+from ..rules.spec import RESCALE_EPS
 from . import _rules
 from ._graph import GraphProgram
 
@@ -319,6 +319,24 @@ class DeepExplainer(ExplainerBase):
                 idx.append(index[key])
             self._site_slots.append(idx)
         self._slots = slots
+        # a slot that is the output of a rescale site whose input is cached is recomputed, not stored
+        # (e.g. VGG's max-pool input = relu(conv output)): element-wise, cheap, and it saves its memory
+        out_of = {prog.resolve(s.output).ref(): s for s in prog.sites if s.kind == "rescale"}
+        self._derived = {}
+        for j, t in enumerate(slots):
+            site = out_of.get(t.ref())
+            if site is not None and prog.resolve(site.inputs[0]).ref() in index:
+                self._derived[j] = (site, index[prog.resolve(site.inputs[0]).ref()])
+        # no cycles: a derived slot's source chain must end at a stored slot
+        for j in list(self._derived):
+            seen, k = set(), j
+            while k in self._derived and k not in seen:
+                seen.add(k)
+                k = self._derived[k][1]
+            if k in self._derived:
+                del self._derived[j]
+        self._stored = [j for j in range(len(slots)) if j not in self._derived]
+        self._stored_pos = {j: i for i, j in enumerate(self._stored)}
 
         def row_bytes(t):
             dims = t.shape.as_list()[1:] if t.shape.rank else None
@@ -330,7 +348,7 @@ class DeepExplainer(ExplainerBase):
             [row_bytes(t) for t in prog.explained]
         known = [z for z in sizes if z is not None]
         self._largest_row = max(known) if known else None
-        per_row_cache = sum(z for z in (row_bytes(t) for t in slots) if z is not None) + \
+        per_row_cache = sum(z for z in (row_bytes(slots[j]) for j in self._stored) if z is not None) + \
             sum(z for z in (row_bytes(t) for t in prog.explained) if z is not None)
         #: bytes of the reference cache (M rows of every cached site value and explained input)
         self.cache_nbytes = int(per_row_cache) * self.M
@@ -356,7 +374,7 @@ class DeepExplainer(ExplainerBase):
         out = prog.value(env, prog.output)
         if self._vector_out:
             out = out[:, None]
-        vals = [prog.value(env, t) for t in self._slots]
+        vals = [prog.value(env, self._slots[j]) for j in self._stored]
         dfs = []
         if derivatives:
             for site in prog.sites:
@@ -415,7 +433,8 @@ class DeepExplainer(ExplainerBase):
         hooks = {}
         dfi = 0
         for si, site in enumerate(prog.sites):
-            vx, vr = [vals_x[j] for j in self._site_slots[si]], [vals_r[j] for j in self._site_slots[si]]
+            vx, vr = [self._lazy(vals_x, j) for j in self._site_slots[si]], \
+                [self._lazy(vals_r, j) for j in self._site_slots[si]]
             if site.kind == "rescale":
                 hooks[id(site.op)] = self._rescale_hook(site, vx[0], vr[0], dfs_x[dfi], ctx)
                 dfi += 1
@@ -444,6 +463,17 @@ class DeepExplainer(ExplainerBase):
             wr = tf.reshape(w_r, [1, -1] + [1] * (x.shape.rank - 1))
             phis.append(tf.reduce_sum(g * (ctx.bx(x) - ctx.br(r)) * wr, axis=1))
         return phis
+
+    def _lazy(self, vals, j):
+        """A function giving slot j's value: stored, or recomputed from the input of the rescale site whose
+        output it is (called inside a gradient function, so the value exists only while that rule runs)."""
+        d = self._derived.get(j)
+        if d is None:
+            t = vals[self._stored_pos[j]]
+            return lambda: t
+        site, src = d
+        inner = self._lazy(vals, src)
+        return lambda: self._recompute_output(site, inner())
 
     def _surrogate_inputs(self, rows):
         # model inputs the surrogate still reads (only for shapes, checked by the analysis): zeros
@@ -478,7 +508,7 @@ class DeepExplainer(ExplainerBase):
             return tf.zeros([ctx.n * ctx.m] + shape.as_list()[1:], site.output.dtype)
         return like()
 
-    def _rescale_hook(self, site, sx, sr, dfx, ctx):
+    def _rescale_hook(self, site, sx_f, sr_f, dfx, ctx):
         prog = self.prog
 
         def hook(env):
@@ -488,6 +518,7 @@ class DeepExplainer(ExplainerBase):
             def rule(z):
                 def grad(g):
                     with tf.control_dependencies([g]):
+                        sx, sr = sx_f(), sr_f()
                         yx, yr = self._recompute_output(site, sx), self._recompute_output(site, sr)
                         return ctx.flat(_rules.rescale_apply(ctx.unflat(g), ctx.bx(sx), ctx.br(sr), ctx.bx(yx),
                                                              ctx.br(yr), ctx.bx(dfx)))
@@ -496,7 +527,7 @@ class DeepExplainer(ExplainerBase):
             env[site.output.ref()] = rule(x)
         return hook
 
-    def _maxlike_hook(self, site, xin, rin, ctx):
+    def _maxlike_hook(self, site, xin_f, rin_f, ctx):
         prog = self.prog
         op = site.op
         src = site.inputs[0]
@@ -513,6 +544,7 @@ class DeepExplainer(ExplainerBase):
                 def grad(g):
                     # sequenced so that each broadcast pair tensor dies before the next one is made
                     with tf.control_dependencies([g]):
+                        xin, rin = xin_f(), rin_f()
                         yx, yr = apply(xin), apply(rin)
                         yxb, yrb = ctx.flat(ctx.bx(yx) + 0 * ctx.br(yr)), ctx.flat(ctx.br(yr) + 0 * ctx.bx(yx))
                         c = tf.minimum(yxb, yrb) if is_min else tf.maximum(yxb, yrb)
@@ -523,18 +555,18 @@ class DeepExplainer(ExplainerBase):
                         rb = ctx.pairs(xin[:1], rin)[1]
                         routed = routed_x + tf.gradients(apply(rb), rb, grad_ys=gr)[0]
                     with tf.control_dependencies([routed]):
-                        d = ctx.flat(ctx.bx(xin) - ctx.br(rin))
-                        return tf.where(tf.abs(d) < MAXPOOL_EPS, tf.zeros_like(d), routed / d)
+                        return ctx.flat(_rules.divide_routed(ctx.unflat(routed), ctx.bx(xin), ctx.br(rin)))
                 return self._zeros_out(site, ctx, lambda: apply(z)), grad
 
             env[site.output.ref()] = rule(x)
         return hook
 
-    def _softmax_hook(self, site, zx, zr, ctx):
+    def _softmax_hook(self, site, zx_f, zr_f, ctx):
         prog = self.prog
 
         def grad_fn(g):
             with tf.control_dependencies([g]):
+                zx, zr = zx_f(), zr_f()
                 g5 = ctx.unflat(g)
                 if site.kind == "softmax":
                     u, v, px, pr = _rules.softmax_coefficients(ctx.bx(zx), ctx.br(zr), RESCALE_EPS)
@@ -556,7 +588,7 @@ class DeepExplainer(ExplainerBase):
         """Re-run site.op with the inputs at `override` positions replaced; the others from env."""
         return self.prog.exec_op(site.op, dict(env), override=override)[0]
 
-    def _binary_hook(self, site, vx, vr, ctx):
+    def _binary_hook(self, site, vx_f, vr_f, ctx):
         """Bilinear (VJPs at the operand means) and Shapley-pair sites: two varying operands."""
         (pa, pb) = site.positions
         prog = self.prog
@@ -568,6 +600,7 @@ class DeepExplainer(ExplainerBase):
             def rule(a_, b_):
                 def grad(g):
                     with tf.control_dependencies([g]):
+                        vx, vr = [f() for f in vx_f], [f() for f in vr_f]
                         if site.kind == "bilinear":
                             abar = ctx.flat(0.5 * (ctx.bx(vx[0]) + ctx.br(vr[0])))
                             bbar = ctx.flat(0.5 * (ctx.bx(vx[1]) + ctx.br(vr[1])))

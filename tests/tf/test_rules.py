@@ -90,3 +90,41 @@ def test_maxpool_and_layer_norm_rules_through_the_explainer():
     sv = DeepExplainer(model, bg).shap_values(X)[0]                        # (5 in, 5 out)
     phi = reference.layer_norm_attribution(X[0].astype(np.float64), bg[0].astype(np.float64), eps=1e-3)
     np.testing.assert_allclose(sv.sum(0), phi.sum(1), rtol=1e-4, atol=1e-5)  # per output: completeness
+
+
+@pytest.mark.parametrize("name,secant", [("relu", True), ("relu6", True), ("tanh", True), ("silu", True),
+                                          ("leaky_relu", True), ("sigmoid", False), ("softplus", False)])
+def test_thresholds_shrink_with_values_below_one(name, secant):
+    """Activations of 1e-9 (untrained deep nets) keep their exact secant (m·Δs = Δy), not the f'(x) fallback;
+    where f stays near 1 (sigmoid, softplus near 0) the spec's threshold and its fallback stay."""
+    x, r = _pairs()
+    x, r = x * 1e-9, r * 1e-9
+    f = TF_FUNCS.get(name, tf.nn.softplus)
+    xt, rt = tf.constant(x)[:, None], tf.constant(r)[None]
+    yx, yr = f(xt), f(rt)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = f(xt)
+    dfx = tape.gradient(y, xt)
+    got = _rules.rescale_multiplier(xt, rt, yx, yr, dfx).numpy()
+    eps = 1e-6 * 1e-9 if secant else 1e-6                          # the spec's eps, rescaled to the values
+    np.testing.assert_allclose(got, reference.rescale_multiplier(name, x[:, None], r[None], eps=eps), rtol=1e-6,
+                               atol=1e-9)
+    d, dy = (xt - rt).numpy(), (yx - yr).numpy()
+    if secant:
+        np.testing.assert_allclose((got * d)[d != 0], dy[d != 0], rtol=1e-9, atol=0)
+    assert got[0, 0, 0] == dfx.numpy()[0, 0, 0]                 # Δs = 0 exactly: f'(x)
+    # values of magnitude >= 1 keep the spec's absolute threshold: |Δs| = 5e-7 falls back to f'(x)
+    a, b = tf.constant([[2.0]], tf.float64), tf.constant([[2.0 - 5e-7]], tf.float64)
+    big = _rules.rescale_multiplier(a, b, f(a), f(b), tf.constant([[123.0]], tf.float64))
+    assert big.numpy().item() == 123.0
+
+
+def test_maxpool_division_keeps_tiny_differences():
+    x = tf.constant([[[3e-10, 0.0]]], tf.float64)
+    r = tf.constant([[[1e-10, 0.0]]], tf.float64)
+    routed = tf.constant([[[4e-10, 5.0]]], tf.float64)
+    np.testing.assert_allclose(_rules.divide_routed(routed, x, r).numpy(), [[[2.0, 0.0]]], rtol=1e-12)
+    got = _rules.divide_routed(tf.constant([[[1.0]]], tf.float64), tf.constant([[[3.0]]], tf.float64),
+                               tf.constant([[[3.0 - 5e-8]]], tf.float64))
+    assert got.numpy().item() == 0.0                            # |Δx| < 1e-7 at magnitude 3: the spec's 0
