@@ -31,6 +31,9 @@ from ._tracer import ControlFlowError, FoldedBatchError, RuleMode
 
 #: transient memory the backward may use when batch_size is not given (bytes)
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
+#: with ``fuse_rules=None`` the rule kernels are fused once a chunk's largest site spans this many
+#: elements (n·M·k rows × site size): below it the one-time compile costs more than it saves
+AUTO_FUSE_ELEMENTS = 2**24
 #: explanations run one at a time per process: the tracer's module-path hooks are process-global and an
 #: explanation switches the model to eval mode for its duration. Threads may share explainers safely.
 _LOCK = threading.RLock()
@@ -58,6 +61,10 @@ class ReferenceCache:
         """Bytes of the largest rule site's activations for one reference (what one backward row holds
         at its peak, give or take a few temporaries)."""
         return max((sum(t[0].numel() * t.element_size() for t in ts) for _, _, ts in self.sites), default=1)
+
+    def largest_site_numel(self) -> int:
+        """Elements of the largest rule-site activation of one reference."""
+        return max((t[0].numel() for _, _, ts in self.sites for t in ts), default=0)
 
 
 class _BackwardState:
@@ -119,13 +126,15 @@ class DeepExplainer(ExplainerBase):
             memory budget of ``memory_budget`` bytes.
         fuse_rules: fuse each rule's element-wise work into one kernel with ``torch.compile`` (several
             times faster rules on large models; the first compile in a fresh environment takes about a
-            minute, later runs reuse inductor's on-disk cache).
+            minute, later runs reuse inductor's on-disk cache). ``None`` (default): fused when a chunk's
+            largest rule site spans at least ``AUTO_FUSE_ELEMENTS`` elements, eager below. Where
+            ``torch.compile`` is unavailable the eager kernels run, with a warning; numbers are the same.
     """
 
     _wrap_indexes = staticmethod(torch.as_tensor)
 
     def __init__(self, model, data, batch_size: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 fuse_rules: bool = False):
+                 fuse_rules: bool | None = None):
         self.layer = None
         if isinstance(model, tuple):
             if len(model) != 2:
@@ -337,7 +346,7 @@ class DeepExplainer(ExplainerBase):
         while True:
             try:
                 n_chunk, m_chunk = self._chunks(N, k, M)
-                parts = [self._explain_chunk([x[i:i + n_chunk] for x in xs], select, cache, m_chunk)
+                parts = [self._explain_chunk([x[i:i + n_chunk] for x in xs], select, cache, m_chunk, k)
                          for i in range(0, N, n_chunk)]
                 break
             except FoldedBatchError:
@@ -349,8 +358,11 @@ class DeepExplainer(ExplainerBase):
         indexes = np.concatenate([p[2] for p in parts])
         return phis, outputs, indexes, outputs.dtype
 
-    def _explain_chunk(self, xs, select, cache: ReferenceCache, m_chunk: int):
-        state = _BackwardState(self.fuse_rules)
+    def _explain_chunk(self, xs, select, cache: ReferenceCache, m_chunk: int, k: int):
+        fuse = self.fuse_rules
+        if fuse is None:
+            fuse = xs[0].shape[0] * m_chunk * k * cache.largest_site_numel() >= AUTO_FUSE_ELEMENTS
+        state = _BackwardState(fuse)
         expected = cache.expected
         with self._session() as where, torch.no_grad():
             if self.layer is None:
