@@ -180,6 +180,15 @@ class GraphProgram:
                 indep_input.update(o.ref() for o in op.outputs)
         indep_input -= explained
         self.dep = dep
+        # the model was traced with an unknown batch size: a dependent tensor whose shape is fully known
+        # has lost the batch axis (a mean or sum over the batch, a fold into a fixed shape)
+        for op in needed:
+            for o in op.outputs:
+                if o.ref() in dep and o.dtype.is_floating and op.type not in ALIAS and o.shape.rank is not None \
+                        and all(d is not None for d in o.shape.as_list()):
+                    raise ValueError(
+                        f"op {op.name} ({op.type}) gives shape {o.shape} from the batch: it mixes or folds the rows "
+                        "of the batch; DeepSHAP needs every activation to keep one row per input row, batch axis first")
         if self.output.ref() not in dep:
             raise ValueError("the model's output does not depend on the explained input(s)")
         consumers: dict = {}

@@ -80,6 +80,10 @@ def _cast(a, dt, what):
     return a.astype(dt, copy=False)
 
 
+def _mib(n):
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def _available_memory():
     """Bytes of memory available to this process (Linux MemAvailable), or None if unknown."""
     try:
@@ -363,9 +367,9 @@ class DeepExplainer(ExplainerBase):
         avail = _available_memory()
         if avail is not None and self.cache_nbytes > 0.8 * avail:
             raise ValueError(
-                f"the reference cache would need {self.cache_nbytes / 2**30:.1f} GiB for M={self.M} background rows "
-                f"({per_row_cache / 2**20:.1f} MiB per row) and {avail / 2**30:.1f} GiB are available: pass fewer "
-                "background rows (a few hundred are usually enough)")
+                f"the reference cache would need {_mib(self.cache_nbytes)} for M={self.M} background rows "
+                f"({_mib(per_row_cache)} per row) and {_mib(avail)} are available: pass fewer background rows (a few "
+                "hundred are usually enough)")
 
     # -- forward (explicands and references) -----------------------------------------------------------
     def _fwd_impl(self, *xs, derivatives=True):

@@ -167,6 +167,20 @@ class Cube(keras.Model):
         return tf.reshape(x, (-1, 2, 2))
 
 
+class BatchMean(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.d = L.Dense(2)
+
+    def call(self, x):
+        return self.d(x - tf.reduce_mean(x, 0, keepdims=True))      # mixes the rows of the batch
+
+
+def test_model_that_mixes_the_batch_is_refused():
+    with pytest.raises(ValueError, match=r"op batch_mean.*/Mean \(Mean\) gives shape \(1, 4\) from the batch: it mixes"):
+        DeepExplainer(BatchMean(), BG)
+
+
 def test_model_output_must_be_one_tensor_n_by_k():
     with pytest.raises(TypeError, match="the model returned a tuple of 2 values; DeepExplainer needs a single tensor"):
         DeepExplainer(TupleOut(), BG)
@@ -253,7 +267,8 @@ def test_cache_that_cannot_fit_is_refused_before_allocating(monkeypatch):
 
     monkeypatch.setattr(deep, "_available_memory", lambda: 10**6)
     model = keras.Sequential([keras.Input((300, 300)), L.Dense(300, activation="relu"), L.Flatten(), L.Dense(1)])
-    with pytest.raises(ValueError, match=r"the reference cache would need .* GiB for M=8 background rows"):
+    with pytest.raises(ValueError, match=r"the reference cache would need 5.5 MiB for M=8 background rows \(0.7 MiB "
+                       r"per row\) and 1.0 MiB are available: pass fewer background rows"):
         DeepExplainer(model, np.zeros((8, 300, 300), "float32"))
 
 
