@@ -215,6 +215,9 @@ class DeepExplainer(ExplainerBase):
             inputs, outputs = model
             if isinstance(outputs, (list, tuple)) and len(outputs) == 1:
                 outputs = outputs[0]
+            if isinstance(outputs, (list, tuple, dict)) and len(outputs) > 1:
+                raise TypeError(f"(inputs, outputs): {len(outputs)} output tensors given; DeepExplainer explains one "
+                                "output tensor (N, K) or (N,): pass e.g. (model.inputs, model.outputs[0])")
             if not all(_is_keras_tensor(t) for t in tf.nest.flatten(inputs)) or not _is_keras_tensor(outputs):
                 raise TypeError("an (inputs, outputs) pair must hold KerasTensors of a functional model "
                                 "(Keras 3 has no graph-mode tf.Tensors)")

@@ -188,6 +188,13 @@ def test_model_output_must_be_one_tensor_n_by_k():
         DeepExplainer(DictOut(), BG)
     with pytest.raises(ValueError, match=r"must be \(batch, outputs\) or \(batch,\), got shape \(None, 2, 2\)"):
         DeepExplainer(Cube(), BG)
+    i = keras.Input((4,))
+    two = keras.Model(i, [L.Dense(2)(i), L.Dense(3)(i)])
+    with pytest.raises(TypeError, match="returned a list of 2 values"):
+        DeepExplainer(two, BG)
+    with pytest.raises(TypeError, match=r"2 output tensors given; DeepExplainer explains one output tensor"):
+        DeepExplainer((two.inputs, two.outputs), BG)
+    assert DeepExplainer((two.inputs, two.outputs[1]), BG).shap_values(X).shape == (3, 4, 3)
 
 
 class RandomInside(keras.Model):
