@@ -3,14 +3,22 @@
 A network is a spec: a list of nodes, each reading one or two earlier nodes — element-wise activations
 after a projection, residual adds, concatenations, products and quotients of two branches (gates),
 maximum of two branches, normalisations, a softmax-weighted mix (attention-like), and for images
-convolution and max/avg pooling. ``TorchNet(spec)`` builds it in PyTorch.
+convolution and max/avg pooling. ``TorchNet(spec)`` builds it in PyTorch; ``tests/cross_nets.py`` builds
+the same network in Keras 3 with the same weights.
+
+``SETTINGS`` is the one hypothesis settings object of the property tests: ``DEEPSHAP_FUZZ_EXAMPLES``
+examples (200 by default, 5000 under ``tox -e fuzz``), no deadline, derandomized (the same examples on
+every run, so CI is reproducible).
 """
 
 from __future__ import annotations
 
+import os
+
 import hypothesis.strategies as st
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, settings
 from torch import nn
 
 ACTS = ["relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "gelu_tanh", "silu", "mish", "hardswish",
@@ -23,16 +31,27 @@ TORCH_ACT = {
     "logsigmoid": F.logsigmoid,
 }
 KINDS = ["act", "add", "cat", "mul", "div", "max", "layernorm", "rmsnorm", "softmix"]
+POOLS = ["none", "max2", "max3s2", "avg2"]
+JOINS = ["none", "add", "cat"]
+
+EXAMPLES = int(os.environ.get("DEEPSHAP_FUZZ_EXAMPLES", "200"))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, print_blob=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def n_examples(fraction: float, floor: int = 10) -> int:
+    """``fraction`` of ``EXAMPLES`` (at least ``floor``): the expensive properties run fewer examples."""
+    return max(int(EXAMPLES * fraction), floor)
 
 
 @st.composite
-def net_specs(draw, max_nodes=6):
+def net_specs(draw, max_nodes=6, kinds=KINDS):
     """(input width, [node, ...], outputs K, seed); node = (kind, src_a, src_b, act, width)."""
     f_in = draw(st.integers(2, 6))
     n = draw(st.integers(1, max_nodes))
     nodes = []
     for i in range(n):
-        kind = draw(st.sampled_from(KINDS))
+        kind = draw(st.sampled_from(kinds))
         a = draw(st.integers(0, i))                 # 0 is the input, j+1 is node j
         b = draw(st.integers(0, i))
         nodes.append((kind, a, b, draw(st.sampled_from(ACTS)), draw(st.integers(2, 6))))
@@ -85,8 +104,8 @@ class TorchNet(nn.Module):
 def cnn_specs(draw, max_blocks=3):
     """(channels, [block, ...], K, seed); block = (act, pool, join) with pool in none/max2/max3s2/avg2 and
     join in none/add/cat (with the block's input)."""
-    blocks = [(draw(st.sampled_from(ACTS)), draw(st.sampled_from(["none", "max2", "max3s2", "avg2"])),
-               draw(st.sampled_from(["none", "add", "cat"]))) for _ in range(draw(st.integers(1, max_blocks)))]
+    blocks = [(draw(st.sampled_from(ACTS)), draw(st.sampled_from(POOLS)), draw(st.sampled_from(JOINS)))
+              for _ in range(draw(st.integers(1, max_blocks)))]
     return draw(st.integers(1, 3)), blocks, draw(st.integers(1, 3)), draw(st.integers(0, 2**16))
 
 

@@ -6,19 +6,13 @@ found by the fuzzer is added below as an explicit ``@example`` so that it stays 
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 
 from deepshap_opt.torch import DeepExplainer
 
-from .random_nets import TorchCNN, TorchNet, cnn_specs, net_specs
-
-EXAMPLES = int(os.environ.get("DEEPSHAP_FUZZ_EXAMPLES", "200"))
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+from .random_nets import SETTINGS, TorchCNN, TorchNet, cnn_specs, n_examples, net_specs
 
 
 def completeness(spec, dtype):
@@ -40,7 +34,7 @@ def test_completeness_float64(spec):
     assert completeness(spec, torch.float64) <= 1e-8
 
 
-@settings(SETTINGS, max_examples=max(EXAMPLES // 4, 10))
+@settings(SETTINGS, max_examples=n_examples(1 / 4))
 @given(net_specs())
 def test_completeness_float32(spec):
     assert completeness(spec, torch.float32) <= 1e-4
@@ -58,7 +52,7 @@ def cnn_completeness(spec, dtype):
     return np.abs(phi.reshape(2, -1, phi.shape[-1]).sum(1) - (fx - fr.mean(0))).max() / scale
 
 
-@settings(SETTINGS, max_examples=max(EXAMPLES // 4, 10))
+@settings(SETTINGS, max_examples=n_examples(1 / 4))
 @given(cnn_specs())
 def test_cnn_completeness_float64(spec):
     assert cnn_completeness(spec, torch.float64) <= 1e-8
