@@ -183,10 +183,12 @@ class MaxPool(torch.autograd.Function):
         with torch.no_grad():
             _, idx = pool(x.detach())
         ctx.x, ctx.y, ctx.idx, ctx.spatial, ctx.site = x.detach().clone(), output.detach().clone(), idx, spatial, site
+        ctx.pool = pool
 
     @staticmethod
     def backward(ctx, g):
-        r_in, r_out, r_idx = ctx.site.refs()
+        (r_in,) = ctx.site.refs()
+        r_out, r_idx = ctx.pool(r_in)   # M rows per chunk: cheaper to redo than to cache (idx is int64)
         start = ctx.x.dim() - ctx.spatial
         vals, idx = _maxpool_routes(*(t.flatten(start) for t in (g, ctx.x, ctx.y, ctx.idx, r_in, r_out, r_idx)))
         zeros = ctx.x.new_zeros(vals.shape[:-1] + (ctx.x.shape[start:].numel(),))

@@ -277,7 +277,7 @@ class RuleMode(TorchFunctionMode):
 
         if self.phase == "reference":
             y, idx = pool(x)
-            self.site("maxpool", (x, y, idx), "max_pool")
+            self.site("maxpool", (x,), "max_pool")   # y and idx are recomputed from x in the backward
         else:
             site = self.site("maxpool", (x,), "max_pool")
             y = R.MaxPool.apply(x, pool, spatial, site)

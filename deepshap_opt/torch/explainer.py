@@ -30,7 +30,7 @@ from ..errors import UnsupportedOperatorError
 from ._tracer import ControlFlowError, FoldedBatchError, RuleMode
 
 #: transient memory the backward may use when batch_size is not given (bytes)
-DEFAULT_MEMORY_BUDGET = 4 * 2**30
+DEFAULT_MEMORY_BUDGET = 2 * 2**30
 #: with ``fuse_rules=None`` the rule kernels are fused once a chunk's largest site spans this many
 #: elements (n·M·k rows × site size): below it the one-time compile costs more than it saves
 AUTO_FUSE_ELEMENTS = 2**24
@@ -148,6 +148,8 @@ class DeepExplainer(ExplainerBase):
             raise ValueError("layer is not a submodule of model")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(memory_budget, (int, float)) or memory_budget <= 0:
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
         self.model, self.batch_size, self.memory_budget, self.fuse_rules = model, batch_size, memory_budget, fuse_rules
         self.multi_input = isinstance(data, (list, tuple))
         params = next(iter(model.parameters()), None)

@@ -46,6 +46,8 @@ def test_bad_background_and_model():
         DeepExplainer((mlp(), nn.Linear(2, 2)), BG)
     with pytest.raises(ValueError, match="batch_size"):
         DeepExplainer(mlp(), BG, batch_size=0)
+    with pytest.raises(ValueError, match="memory_budget must be a positive number"):
+        DeepExplainer(mlp(), BG, memory_budget=0)
     with pytest.raises(ValueError, match="output_rank_order"):
         DeepExplainer(mlp(), BG).shap_values(X, ranked_outputs=1, output_rank_order="best")
     with pytest.raises(ValueError, match="ranked_outputs"):
