@@ -649,8 +649,9 @@ class DeepExplainer(ExplainerBase):
             return super().__call__(X)
         from shap import Explanation
 
-        values = self.shap_values(X)
-        data = self._last_explained                    # what is attributed: the layer's input values
+        with self._lock:
+            values = self.shap_values(X)
+            data = self._last_explained                # what is attributed: the layer's input values
         n = data[0].shape[0]
         base = np.broadcast_to(np.asarray(self.expected_value, np.float64), (n, self.num_outputs)).copy()
         if self._multi_values:
@@ -718,10 +719,11 @@ class DeepExplainer(ExplainerBase):
         indexes = np.asarray(select(outputs))
         k = indexes.shape[1]
         phis = [np.zeros((N,) + s + (k,), np.float64) for s in self._expl_shapes]
-        explained = [np.zeros((N,) + s, self._expl_dtype) for s in self._expl_shapes]
+        keep_expl = self._layer is not None           # explainer(X) of a (model, layer) pair returns them as data
+        explained = [np.zeros((N,) + s, self._expl_dtype) for s in self._expl_shapes] if keep_expl else []
         for a, b in spans:
             _, ex, vals, dfs = kept if kept is not None else forward(a, b)
-            for i, e in enumerate(ex):
+            for i, e in enumerate(ex if keep_expl else []):
                 explained[i][a:b] = e.numpy()[:b - a]
             for j in range(k):
                 idx = tf.constant(_pad_rows(indexes[a:b, j], n_fix), tf.int32)
