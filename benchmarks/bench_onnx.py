@@ -37,14 +37,16 @@ def _peak_mb() -> float:
 
 
 def _timeit(fn, repeats: int, warmup: int):
+    """Median wall time, all wall times, all process CPU times (user + system, all threads) of fn()."""
     for _ in range(warmup):
         fn()
-    ts = []
+    ts, cs = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts), ts
+        cs.append(time.process_time() - c0)
+    return statistics.median(ts), ts, cs
 
 
 def _torch_setup(args, hook_safe: bool = False):
@@ -65,7 +67,7 @@ def _torch_setup(args, hook_safe: bool = False):
 
 
 def case_export(args):
-    torch, model, bg, X = _torch_setup(args)
+    _torch, model, bg, _X = _torch_setup(args)
     sys.path.insert(0, ROOT)
     import deepshap_opt.onnx as dso
 
@@ -77,52 +79,52 @@ def case_export(args):
 def case_floor(args):
     torch, model, bg, X = _torch_setup(args)
     model.requires_grad_(False)
-    N, M = X.shape[0], bg.shape[0]
+    _N, M = X.shape[0], bg.shape[0]
     rows = X.repeat_interleave(M, 0)
 
     def once():
+        """(wall, CPU) of: a no-grad forward of N + the input-gradient backward over N x M rows (its
+        forward, which a cached-reference method does not need, is not counted)."""
+        c0, t0 = time.process_time(), time.perf_counter()
         with torch.no_grad():
             model(X)
+        tf, cf = time.perf_counter() - t0, time.process_time() - c0
         xr = rows.clone().requires_grad_(True)
         y = model(xr)
         sel = y[:, 0].sum()
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         torch.autograd.grad(sel, xr)
-        return time.perf_counter() - t0
+        return tf + time.perf_counter() - t0, cf + time.process_time() - c0
 
     for _ in range(args.warmup):
         once()
-    ts = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model(X)
-        tf = time.perf_counter() - t0
-        ts.append(tf + once() - 0.0)
-    return {"latency_s": statistics.median(ts), "all_s": ts}
+    ts, cs = zip(*[once() for _ in range(args.repeats)])
+    return {"latency_s": statistics.median(ts), "all_s": list(ts), "cpu_s": list(cs)}
 
 
 def case_shap(args):
     # shap's hooks crash on the torchvision code paths (in-place ops, ResNet's reused ReLU): same weights,
     # hook-safe module structure (torch_models' hook_safe=True)
-    torch, model, bg, X = _torch_setup(args, hook_safe=True)
+    _torch, model, bg, X = _torch_setup(args, hook_safe=True)
     import shap
 
     e = shap.DeepExplainer(model, bg)
-    med, ts = _timeit(lambda: e.shap_values(X, ranked_outputs=1, check_additivity=False), args.repeats, args.warmup)
-    return {"latency_s": med, "all_s": ts}
+    med, ts, cs = _timeit(lambda: e.shap_values(X, ranked_outputs=1, check_additivity=False), args.repeats,
+                          args.warmup)
+    return {"latency_s": med, "all_s": ts, "cpu_s": cs}
 
 
 def case_ours_torch(args):
-    torch, model, bg, X = _torch_setup(args)
+    _torch, model, bg, X = _torch_setup(args)
     sys.path.insert(0, ROOT)
     from deepshap_opt.torch import DeepExplainer
 
     t0 = time.perf_counter()
     e = DeepExplainer(model, bg)
     init = time.perf_counter() - t0
-    med, ts = _timeit(lambda: e.shap_values(X, ranked_outputs=1, check_additivity=False), args.repeats, args.warmup)
-    return {"latency_s": med, "all_s": ts, "init_s": init}
+    med, ts, cs = _timeit(lambda: e.shap_values(X, ranked_outputs=1, check_additivity=False), args.repeats,
+                          args.warmup)
+    return {"latency_s": med, "all_s": ts, "cpu_s": cs, "init_s": init}
 
 
 def case_onnx(args):
@@ -138,8 +140,8 @@ def case_onnx(args):
     sess = ort.InferenceSession(args.file, so, providers=["CPUExecutionProvider"])
     init = time.perf_counter() - t0
     X = np.load(args.data)["x"]
-    med, ts = _timeit(lambda: sess.run(["shap_values", "shap_indexes"], {"input": X}), args.repeats, args.warmup)
-    return {"latency_s": med, "all_s": ts, "init_s": init, "frameworks_loaded": blocked}
+    med, ts, cs = _timeit(lambda: sess.run(["shap_values", "shap_indexes"], {"input": X}), args.repeats, args.warmup)
+    return {"latency_s": med, "all_s": ts, "cpu_s": cs, "init_s": init, "frameworks_loaded": blocked}
 
 
 def run_case(args):
@@ -155,7 +157,17 @@ def spawn(case, model, data, file, a) -> dict:
            "--file", file, "--threads", str(a.threads), "--repeats", str(a.repeats), "--warmup", str(a.warmup),
            "--classes", str(a.classes)]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONWARNINGS="ignore")
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout)
+    lock = None
+    if a.lock:                      # one heavy case at a time across processes sharing the machine
+        import fcntl
+
+        lock = open(a.lock, "a")    # noqa: SIM115 - held across the subprocess, closed below
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout, check=False)
+    finally:
+        if lock is not None:
+            lock.close()
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -177,6 +189,11 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--stat", default="min", choices=["min", "median"],
                     help="which statistic of the repeats the table shows (min: least disturbed by other load)")
+    ap.add_argument("--metric", default="wall", choices=["wall", "cpu"],
+                    help="wall-clock seconds, or process CPU seconds (user + system over all threads: with "
+                         "--threads 1 the least disturbed by other processes on a shared machine)")
+    ap.add_argument("--lock", default=None,
+                    help="flock this file around every case (shared machines: one heavy process at a time)")
     # internal (one case per subprocess)
     ap.add_argument("--case")
     ap.add_argument("--model")
@@ -217,7 +234,7 @@ def main():
              x=rng.normal(size=(a.n, 3, a.size, a.size)).astype(np.float32))
     methods = a.methods.split(",")
     print(f"# size {a.size}x{a.size}, N={a.n}, M={a.m}, classes={a.classes}, threads={a.threads}, "
-          f"repeats={a.repeats} ({a.stat} shown), warmup={a.warmup}", flush=True)
+          f"repeats={a.repeats} ({a.stat} {a.metric} time shown), warmup={a.warmup}", flush=True)
     for model in a.models.split(","):
         file = os.path.join(tmp, f"{model}.onnx")
         row = {"model": model}
@@ -240,13 +257,14 @@ def main():
 def table(results, a) -> str:
     def lat(r, k):
         v = r.get(k, {})
-        if not isinstance(v, dict) or not v.get("all_s"):
+        key = "cpu_s" if getattr(a, "metric", "wall") == "cpu" else "all_s"
+        if not isinstance(v, dict) or not v.get(key):
             return None
-        return min(v["all_s"]) if a.stat == "min" else v["latency_s"]
+        return min(v[key]) if a.stat == "min" else statistics.median(v[key])
 
-    lines = ["| model | floor (s) | shap torch (s) | ours torch (s) | onnx one-shot (s) | onnx / floor | "
-             "onnx / ours torch | speed-up vs shap | file (MiB) | onnx peak RSS (MiB) | floor peak RSS (MiB) | "
-             "onnx session init (s) |",
+    lines = [("| model | floor (s) | shap torch (s) | ours torch (s) | onnx one-shot (s) | onnx / floor | "
+              "onnx / ours torch | speed-up vs shap | file (MiB) | onnx peak RSS (MiB) | floor peak RSS (MiB) | "
+              "onnx session init (s) |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, p=2: "—" if v is None else f"{v:.{p}f}"
     for r in results:

@@ -372,7 +372,10 @@ class ExplanationBuilder:
             idx = b.cast(tgt, TensorProto.INT64)                   # declared (N, S)
         self.idx = idx
         self.St = b.op("Shape", [idx], start=1, end=2, hint="S")
-        onehot = b.op("OneHot", [idx, b.i64(self.K), b.const(np.array([0, 1], ydt))], axis=-1)   # (N,S,K)
+        # OneHot in float32 (onnxruntime has no double OneHot), cast to the output's dtype
+        onehot = b.op("OneHot", [idx, b.i64(self.K), b.const(np.array([0, 1], np.float32))], axis=-1)   # (N,S,K)
+        if np.dtype(ydt) != np.float32:
+            onehot = b.cast(onehot, helper.np_dtype_to_tensor_dtype(np.dtype(ydt)))
         seed = b.op("Expand", [b.unsqueeze(onehot, [2]), b.i64([1, 1, self.M, 1])])                 # (N,S,M,K)
         seed = self.flat(seed, p.rest[y])
         grads: dict[str, list[str]] = defaultdict(list)
@@ -1039,6 +1042,26 @@ class ExplanationBuilder:
         G4 = b.reshape(G, self.nsm(C, ohw))    # (N,S,M,C,ohw)
         ga = b.mul(G4, b.sub(cmax, yr4))
         gb = b.mul(G4, b.sub(yx4, cmax))
+        tiling = self._tiling_windows(node, A, rest_in, rest_out)
+        if tiling is not None:
+            # windows that tile the input (kernel = stride, no padding): no input element is in two windows,
+            # so routing is MaxUnpool (zeros + one write per window) of ga at the explicand's argmax and of gb
+            # at the reference's, instead of zeros + two ScatterElements (slower per element in onnxruntime)
+            (oh, kh), (ow, kw) = tiling
+            chw = C * hw
+            nrows = b.op("ReduceProd", [b.op("Shape", [G4], start=0, end=3)], keepdims=1)   # P = N*S*M
+            base = b.reshape(b.mul(b.op("Range", [b.i64(0), b.squeeze(nrows, [0]), b.i64(1)]), b.i64(chw)),
+                             self.nsm(1, 1))                                           # (N,S,M,1,1)
+            cpos = b.i64((np.arange(C, dtype=np.int64) * hw).reshape(1, 1, 1, C, 1))
+            idx_x = b.add(b.add(ix4, cpos), base)                                      # (N,S,M,C,ohw)
+            idx_r = b.add(b.add(rix4, cpos), base)
+            out_shape = b.op("Concat", [nrows, b.i64([C, *rest_in[1:]])], axis=0)
+            kw_ = {"kernel_shape": [kh, kw], "strides": [kh, kw]}
+            part = [-1, C, oh, ow]
+            ua = b.op("MaxUnpool", [b.reshape(ga, part), b.reshape(idx_x, part), out_shape], **kw_)
+            ub = b.op("MaxUnpool", [b.reshape(gb, part), b.reshape(idx_r, part), out_shape], **kw_)
+            routed = b.reshape(b.add(ua, ub), self.nsm(*rest_in))
+            return self.flat(self._divide_delta(routed, x, spec.MAXPOOL_EPS), rest_in)
         shape = b.op("Shape", [G4])
         zshape = b.op("Concat", [b.op("Shape", [G4], start=0, end=4), b.i64([hw])], axis=0)
         zeros = b.op("ConstantOfShape", [zshape], value=helper.make_tensor("v", helper.np_dtype_to_tensor_dtype(
@@ -1047,6 +1070,23 @@ class ExplanationBuilder:
         routed = b.op("ScatterElements", [routed, b.op("Expand", [rix4, shape]), gb], axis=4, reduction="add")
         routed = b.op("Reshape", [routed, self.nsm(*rest_in)])
         return self.flat(self._divide_delta(routed, x, spec.MAXPOOL_EPS), rest_in)
+
+    @staticmethod
+    def _tiling_windows(node, A, rest_in, rest_out):
+        """((oh, kh), (ow, kw)) when a 2-D MaxPool's windows tile its input exactly, else None."""
+        k = list(A.get("kernel_shape", []))
+        if len(rest_in) != 3 or len(k) != 2 or list(A.get("strides", [1, 1])) != k:
+            return None
+        if any(d != 1 for d in A.get("dilations", [1, 1])) or any(A.get("pads", [0] * 4)):
+            return None
+        auto = A.get("auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else auto
+        if auto not in ("NOTSET", "VALID"):
+            return None
+        (H, W), (oh, ow) = rest_in[1:], rest_out[1:]
+        if oh * k[0] != H or ow * k[1] != W:
+            return None
+        return (oh, k[0]), (ow, k[1])
 
     def _divide_delta(self, routed4, x, eps):
         b = self.b

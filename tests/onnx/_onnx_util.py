@@ -48,5 +48,5 @@ def torch_backend():
     try:
         from deepshap_opt.torch import DeepExplainer
         return DeepExplainer
-    except Exception:  # pragma: no cover - the torch backend is written concurrently
+    except Exception:  # noqa: BLE001 - pragma: no cover - the torch backend is written concurrently
         return None

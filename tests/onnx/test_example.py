@@ -20,7 +20,7 @@ def test_digits_example(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "onnx_digits.py"), "--out", str(out)],
-                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT, check=False)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "OK" in p.stdout.splitlines()[-1]
     assert out.exists()

@@ -11,9 +11,9 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 pytest.importorskip("tf2onnx")
 
-from ._onnx_util import completeness_error, run
-
 import deepshap_opt.onnx as dso
+
+from ._onnx_util import completeness_error, run
 
 L = keras.layers
 
@@ -111,6 +111,6 @@ def test_keras_model(name):
     try:
         from deepshap_opt.tf import DeepExplainer
         tv = np.asarray(DeepExplainer(model, bg).shap_values(X, check_additivity=False))
-    except Exception as e:  # the TF backend is written concurrently and may not cover every layer
+    except Exception as e:  # noqa: BLE001 - the TF backend is written concurrently and may not cover every layer
         pytest.skip(f"TF backend unavailable for this model: {type(e).__name__}: {e}")
     assert np.abs(tv - out["shap_values"]).max() <= 1e-4 * scale

@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from ._onnx_util import completeness_error, run
 from onnx import TensorProto, helper, numpy_helper
 
 import deepshap_opt.onnx as dso
 from deepshap_opt import UnsupportedOperatorError
 from deepshap_opt.rules import reference as ref
+
+from ._onnx_util import completeness_error, run
 
 OPSET = 20
 
@@ -115,7 +116,7 @@ def test_global_maxpool_groupnorm_identity_dropout_constant_cast_sum():
     nodes, w = _head(nodes, 4)
     inits = [("gs", np.array([0.5, 2.0, 1.0, 0.7], np.float32)), ("gb", np.array([0.1, -0.2, 0.0, 0.3], np.float32)),
              ("W", w)]
-    proto, out = _complete(model_of(nodes, [4, 5, 5], inits, opset=21), _img(5), _img(3, seed=1))
+    proto, _out = _complete(model_of(nodes, [4, 5, 5], inits, opset=21), _img(5), _img(3, seed=1))
     ops = {n.op_type for n in proto.graph.node}
     assert {"GlobalMaxPool", "GroupNormalization", "Identity", "Dropout", "Constant", "Cast", "Sum"} <= ops
 

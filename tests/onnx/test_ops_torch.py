@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 nn = torch.nn
 F = torch.nn.functional
 
-from ._onnx_util import completeness_error, run, torch_backend
-
 import deepshap_opt.onnx as dso
+
+from ._onnx_util import completeness_error, run, torch_backend
 
 IMG, VEC, SEQ = (3, 6, 6), (8,), (4, 6)
 
@@ -170,13 +170,13 @@ def _check(name, factory, shape, ops, outputs="all", tol=1e-4):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_op_exported_from_torch(name):
     factory, shape, ops = CASES[name]
-    model, bg, X, out, proto = _check(name, factory, shape, ops)
+    model, bg, X, out, _proto = _check(name, factory, shape, ops)
     TDE = torch_backend()
     if TDE is None:
         pytest.skip("torch backend not importable")
     try:
         tv = np.asarray(TDE(model, bg).shap_values(X, check_additivity=False))
-    except Exception as e:  # the other backend may not cover this op
+    except Exception as e:  # noqa: BLE001 - the other backend may not cover this op
         pytest.skip(f"torch backend failed: {type(e).__name__}: {e}")
     ov = out["shap_values"]
     scale = max(np.abs(out["output"]).max(), 1e-6)

@@ -15,9 +15,9 @@ torch = pytest.importorskip("torch")
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
 
-from ._onnx_util import completeness_error, run, torch_backend
-
 import deepshap_opt.onnx as dso
+
+from ._onnx_util import completeness_error, run, torch_backend
 
 CASES = [
     pytest.param("resnet50", 64, 3, 2, id="resnet50"),
