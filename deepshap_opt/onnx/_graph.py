@@ -617,7 +617,7 @@ class ExplanationBuilder:
             k = k.reshape((-1,) + (1,) * (len(p.rest[x]) - 1))
             return {x: b.mul(G, b.const(k))}
         if op in ("MaxPool",):
-            return {x: self.maxpool_rule(i, node, G)}
+            return self.maxpool_rule(i, node, G)
         if op == "GlobalMaxPool":
             return {x: self.global_maxpool_rule(node, G)}
         if op in ("ReduceMax", "ReduceMin"):
@@ -1061,7 +1061,7 @@ class ExplanationBuilder:
             ua = b.op("MaxUnpool", [b.reshape(ga, part), b.reshape(idx_x, part), out_shape], **kw_)
             ub = b.op("MaxUnpool", [b.reshape(gb, part), b.reshape(idx_r, part), out_shape], **kw_)
             routed = b.reshape(b.add(ua, ub), self.nsm(*rest_in))
-            return self.flat(self._divide_delta(routed, x, spec.MAXPOOL_EPS), rest_in)
+            return self._maxpool_out(node, routed)
         shape = b.op("Shape", [G4])
         zshape = b.op("Concat", [b.op("Shape", [G4], start=0, end=4), b.i64([hw])], axis=0)
         zeros = b.op("ConstantOfShape", [zshape], value=helper.make_tensor("v", helper.np_dtype_to_tensor_dtype(
@@ -1069,7 +1069,25 @@ class ExplanationBuilder:
         routed = b.op("ScatterElements", [zeros, b.op("Expand", [ix4, shape]), ga], axis=4, reduction="add")
         routed = b.op("ScatterElements", [routed, b.op("Expand", [rix4, shape]), gb], axis=4, reduction="add")
         routed = b.op("Reshape", [routed, self.nsm(*rest_in)])
-        return self.flat(self._divide_delta(routed, x, spec.MAXPOOL_EPS), rest_in)
+        return self._maxpool_out(node, routed)
+
+    def _maxpool_out(self, node, routed4) -> dict:
+        """The max-pool rule's input multiplier ⊙ G: routed / Δ. When the pool's input is the output of a ReLU
+        that nothing else reads, the ReLU's rule is folded in: routed / Δy · Δy / Δx = routed / Δx, where
+        Δy = 0 gives 0 either way (routed is 0 where Δy = 0, see _divide_delta); the ReLU node is then skipped.
+        Saves 5 passes over the pairs at the pool's input."""
+        p = self.plan
+        x = node.input[0]
+        j = p.producer.get(x)
+        relu = p.nodes[j] if j is not None else None
+        if (relu is not None and relu.op_type == "Relu" and j not in self.fused and j not in self.absorbed
+                and len(p.consumers[x]) == 1 and x not in p.graph_outputs
+                and _TINY.get(np.dtype(self.fdt(relu.input[0]))) is not None
+                and relu.input[0] in p.var and p.rest[relu.input[0]] == p.rest[x]):
+            xin = relu.input[0]
+            self.absorbed.add(j)
+            return {xin: self.flat(self._divide_delta(routed4, xin, spec.MAXPOOL_EPS), p.rest[xin])}
+        return {x: self.flat(self._divide_delta(routed4, x, spec.MAXPOOL_EPS), p.rest[x])}
 
     @staticmethod
     def _tiling_windows(node, A, rest_in, rest_out):
