@@ -384,11 +384,13 @@ class DeepExplainer(ExplainerBase):
         vals = [prog.value(env, self._slots[j]) for j in self._stored]
         dfs = []
         if derivatives:
-            for site in prog.sites:
-                if site.kind == "rescale":
-                    s = tf.identity(prog.value(env, site.inputs[0]))     # a private copy: a local gradient
-                    d = tf.gradients(self._recompute_output(site, s), s)[0]
-                    dfs.append(tf.zeros_like(s) if d is None else d)
+            # f'(s) of every element-wise site from one gradient call (each y depends on its own private
+            # copy s only, element-wise, so d(Σ y)/ds_i = f_i'(s_i)); one call per site costs ~0.1 s each
+            ss = [tf.identity(prog.value(env, site.inputs[0])) for site in prog.sites if site.kind == "rescale"]
+            ys = [self._recompute_output(site, s) for site, s in
+                  zip([site for site in prog.sites if site.kind == "rescale"], ss)]
+            ds = tf.gradients(ys, ss) if ss else []
+            dfs = [tf.zeros_like(s) if d is None else d for s, d in zip(ss, ds)]
         expl = [prog.value(env, t) for t in prog.explained]
         return out, expl, vals, dfs
 
