@@ -45,7 +45,7 @@ def n_examples(fraction: float, floor: int = 10) -> int:
 
 
 @st.composite
-def net_specs(draw, max_nodes=6, kinds=KINDS):
+def net_specs(draw, max_nodes=6, kinds=KINDS, acts=ACTS):
     """(input width, [node, ...], outputs K, seed); node = (kind, src_a, src_b, act, width)."""
     f_in = draw(st.integers(2, 6))
     n = draw(st.integers(1, max_nodes))
@@ -54,7 +54,7 @@ def net_specs(draw, max_nodes=6, kinds=KINDS):
         kind = draw(st.sampled_from(kinds))
         a = draw(st.integers(0, i))                 # 0 is the input, j+1 is node j
         b = draw(st.integers(0, i))
-        nodes.append((kind, a, b, draw(st.sampled_from(ACTS)), draw(st.integers(2, 6))))
+        nodes.append((kind, a, b, draw(st.sampled_from(acts)), draw(st.integers(2, 6))))
     return f_in, nodes, draw(st.integers(1, 4)), draw(st.integers(0, 2**16))
 
 
