@@ -276,3 +276,14 @@ def test_user_arrays_and_model_unmodified():
     before = old.SerializeToString()
     dso.build(old, bg)
     assert old.SerializeToString() == before
+
+
+def test_model_onnxruntime_cannot_load():
+    nodes = [helper.make_node("Cast", ["x"], ["i"], to=TensorProto.INT64),
+             helper.make_node("Sigmoid", ["i"], ["s"], name="sig"),           # no int64 Sigmoid
+             helper.make_node("Cast", ["s"], ["y"], to=TensorProto.FLOAT)]
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
+    with pytest.raises(ValueError, match=r"onnxruntime cannot load the model: .*INVALID_GRAPH.*\(sig\)"):
+        dso.build(m, BG)
