@@ -68,7 +68,7 @@ def test_layer_with_several_inputs_gives_one_array_per_input(kind):
     assert isinstance(ex, list) and len(ex) == 2 and ex[1].values.shape == (2, widths[1], 3)
     assert ex[0].data.shape == (2, widths[0])                   # the layer's input values, not X
     if kind == "add":         # relu(a + b) then Dense: φ_a = mean_r W · m(s_x, s_r) · (a_x − a_r), m the ReLU rescale
-        split = keras.Model(model.inputs, merge.input)
+        split = keras.Model(model.inputs[0], merge.input)
         (ax, bx), (ar, br) = ([t.numpy().astype(np.float64) for t in split(v)] for v in (x, bg))
         W = model.layers[-1].kernel.numpy().astype(np.float64)
         sx, sr = (ax + bx)[:, None], (ar + br)[None]
