@@ -136,6 +136,61 @@ class Kernel(torch.autograd.Function):
         return Kernel.apply(name, fuse, *moved), 0
 
 
+class ConvInputGrad(torch.autograd.Function):
+    """The input gradient of a convolution, with a vmap rule that folds the mapped axes into the batch.
+
+    functorch's own batching rule for ``convolution_backward`` materialises the (never read) input at
+    the batched size and takes a slower kernel path; here the (M·n)-row cotangent goes to the kernel
+    directly, with an uninitialised input of the right shape (only its shape is used for input grads).
+    """
+
+    @staticmethod
+    def forward(g, weight, in_shape, stride, padding, dilation, groups):
+        inp = g.new_empty(in_shape)
+        zeros = [0] * len(stride)
+        return torch.ops.aten.convolution_backward(g, inp, weight, None, stride, padding, dilation, False, zeros,
+                                                   groups, [True, False, False])[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):  # pragma: no cover - multipliers are never differentiated
+        raise RuntimeError("rule multipliers are not differentiable")
+
+    @staticmethod
+    def vmap(info, in_dims, g, weight, in_shape, stride, padding, dilation, groups):
+        if in_dims[1] is not None:   # pragma: no cover - a mapped weight goes through the Bilinear rule
+            raise RuntimeError("ConvInputGrad: the weight cannot be mapped")
+        g = g.movedim(in_dims[0], 0)
+        B, n = g.shape[:2]
+        out = ConvInputGrad.apply(g.reshape(B * n, *g.shape[2:]), weight, (B * n, *in_shape[1:]), stride,
+                                  padding, dilation, groups)
+        return out.reshape(B, n, *out.shape[1:]), 0
+
+
+class Conv(torch.autograd.Function):
+    """A batched convolution of a varying input with a constant weight (linear rule), whose backward is
+    :class:`ConvInputGrad`: it saves nothing of x, and its VJP over the (M·n)-row cotangents runs as one
+    folded kernel call. ``conv(x)`` is the op itself; the remaining arguments are normalised ints."""
+
+    @staticmethod
+    def forward(x, conv, weight, stride, padding, dilation, groups):
+        return conv(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, weight, stride, padding, dilation, groups = inputs
+        ctx.args = (weight, tuple(x.shape), stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, in_shape, stride, padding, dilation, groups = ctx.args
+        return ConvInputGrad.apply(g.contiguous(), weight, in_shape, stride, padding, dilation, groups), \
+            None, None, None, None, None, None
+
+
 class Rescale(torch.autograd.Function):
     """Rescale rule: m = (f(x) − f(r)) / (x − r); f'(x) where |x − r| < RESCALE_EPS.
 

@@ -217,7 +217,8 @@ class RuleMode(TorchFunctionMode):
     def _binary(self, func, name, args, kwargs):
         """mul/matmul/einsum/div/maximum/...: linear or rescale with one varying operand, a rule with two."""
         if name == "einsum":
-            eq, ops = args[0], (list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:]))
+            listed = len(args) == 2 and isinstance(args[1], (list, tuple))
+            eq, ops = args[0], (list(args[1]) if listed else list(args[1:]))
             vary = [i for i, o in enumerate(ops) if o in self.varying]
             if len(vary) <= 1:
                 return self._linear(func, name, args, kwargs)
@@ -233,7 +234,10 @@ class RuleMode(TorchFunctionMode):
                 return self._linear(func, name, args, kwargs)
             out = self._pair("bilinear", F.linear, x, w, "linear")
             return self.mark(out + bias) if bias is not None else out
-        a, b = (fargs + (None, None))[:2] if len(fargs) >= 2 else (fargs[0], fkwargs.get("other", fkwargs.get("exponent")))
+        if len(fargs) >= 2:
+            a, b = fargs[:2]
+        else:
+            a, b = fargs[0], fkwargs.get("other", fkwargs.get("exponent"))
         av, bv = a in self.varying, b in self.varying
         canon = T.BILINEAR.get(name) or T.PAIR[name]
         if av and bv:
@@ -260,6 +264,30 @@ class RuleMode(TorchFunctionMode):
         site = self.site(kind, (a, b), op)
         cls = R.Bilinear if kind == "bilinear" else R.ShapleyPair
         return self.mark(cls.apply(a, b, fn, site))
+
+    def _conv(self, func, name, args, kwargs):
+        """conv1d/2d/3d of a varying input with a constant weight: linear (the :class:`R.Conv` VJP in the
+        explain phase; string padding and unbatched inputs keep the ordinary VJP)."""
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        bound = {**dict(zip(names, args)), **kwargs}
+        if len(args) > len(names) or set(bound) - set(names) or "weight" not in bound:
+            return self._linear(func, name, args, kwargs)
+        x, w, bias = bound["input"], bound["weight"], bound.get("bias")
+        stride, padding = bound.get("stride", 1), bound.get("padding", 0)
+        dilation, groups = bound.get("dilation", 1), bound.get("groups", 1)
+        if w in self.varying or bias in self.varying:   # its weight is computed from the batch's samples
+            raise UnsupportedOperatorError(_display(func), self.where(), "the convolution's weight or bias depends "
+                                           "on the explained input (mixes the samples of a batch)")
+        spatial = int(name[-2])
+        if self.phase == "reference" or x.dim() != spatial + 2 or isinstance(padding, str):
+            return self._linear(func, name, args, kwargs)
+
+        def tup(v):
+            return tuple(v) if isinstance(v, (tuple, list)) else (v,) * spatial
+
+        out = R.Conv.apply(x, lambda t: func(t, w, bias, stride, padding, dilation, groups), w, tup(stride),
+                           tup(padding), tup(dilation), groups)
+        return self.mark(out)
 
     def _maxpool(self, func, name, args, kwargs):
         spatial = T.MAXPOOL[name]
@@ -373,6 +401,7 @@ _HANDLERS = {
     **dict.fromkeys(T.BILINEAR, RuleMode._binary),
     **dict.fromkeys(T.PAIR, RuleMode._binary),
     **dict.fromkeys(T.MAXPOOL, RuleMode._maxpool),
+    **dict.fromkeys(("conv1d", "conv2d", "conv3d"), RuleMode._conv),
     **dict.fromkeys(T.REDUCE_MAX, RuleMode._reduce_max),
     **dict.fromkeys(T.SOFTMAX, RuleMode._softmax),
     **dict.fromkeys(T.DECOMPOSE, RuleMode._decompose),

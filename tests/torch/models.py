@@ -182,6 +182,7 @@ def zoo():
         "reused_relu": (lambda: (lambda r: nn.Sequential(nn.Linear(6, 8), r, nn.Linear(8, 8), r, nn.Linear(8, 3)))(
             nn.ReLU()), (6,)),
         "functional_cnn": (FunctionalCNN, (2, 8, 8)),
+        "conv_variants": (ConvVariants, (4, 9, 9)),
         "layernorm": (lambda: nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 3)), (6,)),
         "groupnorm": (lambda: cnn(2, nn.Conv2d, nn.AvgPool2d(2), lambda c: nn.GroupNorm(2, c)), (2, 6, 6)),
         "instancenorm": (lambda: cnn(2, nn.Conv2d, nn.AvgPool2d(2), lambda c: nn.InstanceNorm2d(c, affine=True)),
@@ -203,6 +204,24 @@ def zoo():
         "transformer_encoder": (_Encoder, (4, 8)),
     })
     return Z
+
+
+class ConvVariants(nn.Module):
+    """Strided, dilated, grouped, depthwise, 'same'-padded and functional convolutions (own VJP path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.strided = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.dilated = nn.Conv2d(6, 6, 3, dilation=2, padding=2, groups=2)
+        self.depthwise = nn.Conv2d(6, 6, 3, padding="same", groups=6)
+        self.w1d = nn.Parameter(torch.randn(3, 6, 2) * 0.3)
+        self.fc = nn.Linear(3 * 4, 3)
+
+    def forward(self, x):
+        h = F.silu(self.strided(x))
+        h = torch.relu(self.dilated(h)) + self.depthwise(h)
+        h = F.conv1d(h.flatten(2), self.w1d, stride=5)        # (N, 3, 5·5 → 5)
+        return self.fc(torch.tanh(h[..., :4]).flatten(1))
 
 
 class _MHA(nn.Module):

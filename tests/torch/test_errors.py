@@ -95,7 +95,19 @@ class Detaches(nn.Module):
         return torch.exp(x - x.max(1, keepdim=True).values.detach())
 
 
+class InputWeightedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2, 1, 1, 1))
+
+    def forward(self, x):                      # the conv weight is computed from the batch: not linear
+        h = x.reshape(-1, 1, 2, 2)
+        return F.conv2d(h, self.w * x.mean()).flatten(1)
+
+
 def test_unsupported_op_names_op_and_module():
+    with pytest.raises(UnsupportedOperatorError, match=r"conv2d.*weight or bias depends on the explained input"):
+        DeepExplainer(InputWeightedConv().eval(), BG)
     with pytest.raises(UnsupportedOperatorError, match=r"cumprod.*\(called in fc|cumprod.*Sorts"):
         DeepExplainer(Sorts().eval(), BG)
     with pytest.raises(UnsupportedOperatorError, match=r"where.*gt"):
