@@ -37,7 +37,7 @@ def cpu(f, repeats):
 
 def floor(model, X, M, repeats, outputs=(0,)):
     """One forward of the N explicands + one input-gradient backward over the N·M rows per explained output
-    (the backwards timed alone: the forward of the N·M rows is not part of the floor)."""
+    (the backwards timed alone, M rows at a time: the forward of the N·M rows is not part of the floor)."""
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -47,13 +47,16 @@ def floor(model, X, M, repeats, outputs=(0,)):
 
     bwd = []
     for _ in range(repeats + 1):
-        xx = X.repeat_interleave(M, 0).requires_grad_()
-        y = model(xx)
-        t = time.process_time()
-        for i, o in enumerate(outputs):
-            torch.autograd.grad(y[:, o].sum(), xx, retain_graph=i < len(outputs) - 1)
-        bwd.append(time.process_time() - t)
-        del xx, y
+        total = 0.0
+        for i in range(X.shape[0]):   # one explicand's M rows at a time: the N·M-row tape would not fit
+            xx = X[i:i + 1].repeat_interleave(M, 0).requires_grad_()
+            y = model(xx)
+            t = time.process_time()
+            for j, o in enumerate(outputs):
+                torch.autograd.grad(y[:, o].sum(), xx, retain_graph=j < len(outputs) - 1)
+            total += time.process_time() - t
+            del xx, y
+        bwd.append(total)
     for p in model.parameters():
         p.requires_grad_(True)
     return cpu(fwd, repeats) + sorted(bwd[1:])[len(bwd[1:]) // 2]
