@@ -161,7 +161,7 @@ class ConvInputGrad(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, g, weight, in_shape, stride, padding, dilation, groups):
-        if in_dims[1] is not None:   # pragma: no cover - a mapped weight goes through the Bilinear rule
+        if in_dims[1] is not None:   # pragma: no cover - the tracer refuses a varying conv weight
             raise RuntimeError("ConvInputGrad: the weight cannot be mapped")
         g = g.movedim(in_dims[0], 0)
         B, n = g.shape[:2]
@@ -319,8 +319,11 @@ class Bilinear(_TwoOperand):
     def backward(ctx, g):
         a_r, b_r = ctx.site.refs()
         a_bar, b_bar = 0.5 * (ctx.a + a_r), 0.5 * (ctx.b + b_r)
-        _, vjp = torch.func.vjp(ctx.fn, a_bar, b_bar)
-        ga, gb = vjp(g)
+        if ctx.fn is torch.mul:   # element-wise product (gates): its VJP directly, without re-running fn
+            ga, gb = g * b_bar, g * a_bar
+        else:
+            _, vjp = torch.func.vjp(ctx.fn, a_bar, b_bar)
+            ga, gb = vjp(g)
         return sum_to(ga, ctx.a.shape), sum_to(gb, ctx.b.shape), None, None
 
 
