@@ -43,19 +43,22 @@ def sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
-#: closed-form f and f' of parameter-free activations: their rescale kernel needs only g, x and the
-#: reference input r (f(x), f(r) and f'(x) are recomputed inside the fused pass instead of stored)
-CLOSED_FORM = {
-    "relu": (torch.relu, lambda x: (x > 0).to(x.dtype)),
-    "sigmoid": (torch.sigmoid, lambda x: torch.sigmoid(x) * (1 - torch.sigmoid(x))),
-    "tanh": (torch.tanh, lambda x: 1 - torch.tanh(x) ** 2),
-    "silu": (torch.nn.functional.silu, lambda x: torch.sigmoid(x) * (1 + x * (1 - torch.sigmoid(x)))),
+#: closed-form f' of parameter-free activations (saves a nested VJP per site on the hot path)
+CLOSED_FORM_DERIVATIVE = {
+    "relu": lambda x: (x > 0).to(x.dtype),
+    "sigmoid": lambda x: torch.sigmoid(x) * (1 - torch.sigmoid(x)),
+    "tanh": lambda x: 1 - torch.tanh(x) ** 2,
+    "silu": lambda x: torch.sigmoid(x) * (1 + x * (1 - torch.sigmoid(x))),
 }
 
 
-def derivative(fn, x: torch.Tensor) -> torch.Tensor:
-    """f'(x) of an element-wise ``fn`` at the explicand: a VJP with ones over the n explicand rows."""
-    y, vjp = torch.func.vjp(fn, x.detach())
+def derivative(fn, x: torch.Tensor, op: str | None = None) -> torch.Tensor:
+    """f'(x) of an element-wise ``fn`` at the explicand: closed form when ``op`` has one, else a VJP with
+    ones over the n explicand rows."""
+    x = x.detach()
+    if op in CLOSED_FORM_DERIVATIVE:
+        return CLOSED_FORM_DERIVATIVE[op](x)
+    y, vjp = torch.func.vjp(fn, x)
     (d,) = vjp(torch.ones_like(y))
     return d
 
@@ -67,15 +70,10 @@ def _rescale_times(g, x, y, dfx, r_in, r_out):
     return g * torch.where(small, dfx, (y - r_out) / torch.where(small, torch.ones_like(d), d))
 
 
-def _closed_rescale_times(op):
-    f, df = CLOSED_FORM[op]
-
-    def kernel(g, x, r_in):
-        """g · m of :func:`_rescale_times` for f = ``op``, from the inputs alone (one fused pass)."""
-        return _rescale_times(g, x, f(x), df(x), r_in, f(r_in))
-
-    kernel.__name__ = f"rescale_{op}_times"
-    return kernel
+def _relu_times(g, x, r_in):
+    """:func:`_rescale_times` for ReLU from the inputs alone: f(x), f(r), f'(x) are cheap to redo in the
+    fused pass over the n·M rows, so the site keeps only x and the cache only r."""
+    return _rescale_times(g, x, torch.relu(x), (x > 0).to(g.dtype), r_in, torch.relu(r_in))
 
 
 def _routed_ratio(routed, x, r_in):
@@ -89,8 +87,7 @@ class RuleKernels:
     """The element-wise rule kernels, eager or fused by ``torch.compile`` (one pass over the n·M rows
     instead of ~8; the first compile takes a minute, later processes reuse inductor's on-disk cache)."""
 
-    EAGER = {"rescale_times": _rescale_times, "routed_ratio": _routed_ratio,
-             **{f"rescale_{op}_times": _closed_rescale_times(op) for op in CLOSED_FORM}}
+    EAGER = {"rescale_times": _rescale_times, "relu_times": _relu_times, "routed_ratio": _routed_ratio}
     FUSED: dict = {}
 
     @classmethod
@@ -194,8 +191,9 @@ class Conv(torch.autograd.Function):
 class Rescale(torch.autograd.Function):
     """Rescale rule: m = (f(x) − f(r)) / (x − r); f'(x) where |x − r| < RESCALE_EPS.
 
-    The reference cache holds r only; f(r) is recomputed in the backward (inside the fused kernel for the
-    closed-form activations of :data:`CLOSED_FORM`), which halves the cache of every rescale site.
+    The reference cache holds r only: f(r) is recomputed per chunk over the M reference rows (inside the
+    fused pass for ReLU), which halves the cache of every rescale site. f(x) and f'(x) are computed once
+    over the n explicand rows, so no transcendental function runs over the n·M rows.
     """
 
     @staticmethod
@@ -207,15 +205,15 @@ class Rescale(torch.autograd.Function):
         x, fn, site, op = inputs
         # clone: the model may modify x in place after this op (ReLU(inplace=True), ``out += ...``)
         ctx.x, ctx.site, ctx.op, ctx.fn = x.detach().clone(), site, op, fn
-        if op not in CLOSED_FORM:
-            ctx.y, ctx.dfx = output.detach().clone(), derivative(fn, x)
+        if op != "relu":
+            ctx.y, ctx.dfx = output.detach().clone(), derivative(fn, x, op)
 
     @staticmethod
     def backward(ctx, g):
         (r_in,) = ctx.site.refs()
         fuse = ctx.site.state.fuse
-        if ctx.op in CLOSED_FORM:
-            grad = Kernel.apply(f"rescale_{ctx.op}_times", fuse, g, ctx.x, r_in)
+        if ctx.op == "relu":
+            grad = Kernel.apply("relu_times", fuse, g, ctx.x, r_in)
         else:
             grad = Kernel.apply("rescale_times", fuse, g, ctx.x, ctx.y, ctx.dfx, r_in, ctx.fn(r_in))
         return grad, None, None, None
