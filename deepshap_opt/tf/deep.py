@@ -29,6 +29,9 @@ from . import _rules
 from ._graph import GraphProgram
 
 _LAYER_TAG = "deepshap_opt_layer_input"
+#: keyword arguments of a layer call that are not inputs to explain
+_NOT_INPUTS = {"training", "mask", "attention_mask", "query_mask", "value_mask", "key_mask",
+               "use_causal_mask", "return_attention_scores"}
 #: default bound (bytes) on the working set of one backward pass (the reference cache is not included)
 DEFAULT_MEMORY_BUDGET = 2**30
 #: construction patches ``layer.call`` of a (model, layer) pair while tracing: one construction at a time
@@ -272,13 +275,23 @@ class DeepExplainer(ExplainerBase):
             orig = layer.call
             had_own = "call" in vars(layer)
 
+            def tag(x):
+                if isinstance(x, tf.Tensor) and x.dtype.is_floating or (not names and x is args0[0]):
+                    t = tf.identity(x, name=_LAYER_TAG)
+                    names.append(t.name)
+                    return t
+                return x
+
+            args0 = [None]
+
             def tagged(*args, **kwargs):
                 if not names:
-                    x = args[0]
-                    flat = tf.nest.flatten(x)
-                    new = [tf.identity(t, name=_LAYER_TAG) for t in flat]
-                    names.extend(t.name for t in new)
-                    args = (tf.nest.pack_sequence_as(x, new),) + args[1:]
+                    # every float tensor the layer receives (a list input, or several arguments such as
+                    # MultiHeadAttention's query and value), in order: positional, then keyword arguments;
+                    # the first positional input is tagged whatever its dtype (token ids stop with a TypeError)
+                    args0[0] = tf.nest.flatten(args[0])[0] if args and tf.nest.flatten(args[0]) else None
+                    args = tuple(tf.nest.map_structure(tag, a) for a in args)
+                    kwargs = {k: v if k in _NOT_INPUTS else tf.nest.map_structure(tag, v) for k, v in kwargs.items()}
                 return orig(*args, **kwargs)
 
             object.__setattr__(layer, "call", tagged)

@@ -78,6 +78,22 @@ def test_layer_with_several_inputs_gives_one_array_per_input(kind):
             np.testing.assert_allclose(phi, expect, rtol=1e-4, atol=1e-6)
 
 
+def test_layer_with_several_arguments_multi_head_attention():
+    """MultiHeadAttention(query, value): one array per argument, completeness over both."""
+    keras.utils.set_random_seed(13)
+    i = keras.Input((4, 6))
+    q, v = L.Dense(6)(i), L.Dense(6, activation="tanh")(i)
+    mha = L.MultiHeadAttention(2, 3)
+    model = keras.Model(i, L.Dense(2)(L.Flatten()(mha(q, v))))
+    rng = np.random.default_rng(13)
+    bg, x = rng.normal(size=(5, 4, 6)).astype("float32"), rng.normal(size=(2, 4, 6)).astype("float32")
+    sv = DeepExplainer((model, mha), bg).shap_values(x)
+    assert isinstance(sv, list) and [s.shape for s in sv] == [(2, 4, 6, 2)] * 2
+    assert all(np.abs(s).max() > 1e-3 for s in sv)
+    total = sum(s.reshape(2, -1, 2).sum(1) for s in sv)
+    np.testing.assert_allclose(total, _target(model, x, bg), rtol=1e-5, atol=1e-5)
+
+
 # -- bad inputs: a clear error --------------------------------------------------------------------------
 @pytest.mark.parametrize("bad,exc,match", [
     (RNG.normal(size=(3, 5)).astype("float32"), ValueError, r"X has rows of shape \(5,\), the background has \(4,\)"),
