@@ -276,7 +276,7 @@ class DeepExplainer(ExplainerBase):
             had_own = "call" in vars(layer)
 
             def tag(x):
-                if isinstance(x, tf.Tensor) and x.dtype.is_floating or (not names and x is args0[0]):
+                if isinstance(x, tf.Tensor) and (x.dtype.is_floating or (not names and x is args0[0])):
                     t = tf.identity(x, name=_LAYER_TAG)
                     names.append(t.name)
                     return t
