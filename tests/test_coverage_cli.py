@@ -240,3 +240,93 @@ def test_bench_missing_script(capsys, monkeypatch, tmp_path):
 def test_debug_shows_the_traceback(d):
     with pytest.raises(cli.CLIError):
         cli.main(["--debug", "export", str(d / "mlp.onnx"), "-b", str(d / "nope.npy"), "-o", str(d / "x.onnx")])
+
+
+def _onnx_graph(tmp_path):
+    """A hand-written ONNX graph with the ops whose canonical rule depends on what varies."""
+    from onnx import TensorProto, helper
+
+    c = helper.make_tensor("c", TensorProto.FLOAT, [4], [0.5, 1.5, 2.0, 3.0])
+    nodes = [
+        helper.make_node("Mul", ["x", "c"], ["m"]),                       # one varying operand
+        helper.make_node("Div", ["m", "c"], ["d1"]),                      # x / const
+        helper.make_node("Div", ["c", "d1"], ["d2"]),                     # const / x: reciprocal
+        helper.make_node("Max", ["d2", "c"], ["mx"]),                     # max with a constant: clip
+        helper.make_node("Pow", ["mx", "d1"], ["p"]),                     # two varying operands
+        helper.make_node("Softplus", ["p"], ["sp"]),
+        helper.make_node("Tanh", ["sp"], ["th"]),
+        helper.make_node("Mul", ["p", "th"], ["mish"]),                   # x·tanh(softplus(x)): mish, fused
+        helper.make_node("Relu", ["c"], ["const_only"]),                  # does not depend on the input
+        helper.make_node("Relu", ["x"], ["side"]),                        # does not feed the output
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("mish", TensorProto.FLOAT, ["N", 4]),
+                               helper.make_tensor_value_info("side", TensorProto.FLOAT, ["N", 4])], [c])
+    path = tmp_path / "ops.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_check_onnx_names_the_rule_of_each_op(capsys, tmp_path):
+    rc, out, err = run(capsys, "check", _onnx_graph(tmp_path), "-v", "--static")
+    assert rc == 0, out + err
+    rows = {ln.split()[1]: ln.split(None, 4) for ln in out.splitlines()[1:] if not ln.startswith(("#", "all "))}
+    want = {"m": ("linear", "mul_const"), "d1": ("linear", "div_const"), "d2": ("rescale", "reciprocal"),
+            "mx": ("rescale", "clip"), "p": ("shapley_pair", "pow_pair"), "sp": ("rescale", "mish (fused)"),
+            "th": ("rescale", "mish (fused)"), "mish": ("rescale", "mish (fused)")}
+    for node, (rule, canon) in want.items():
+        assert rows[node][2:] == ["ok", rule, canon], rows[node]
+    assert rows["const_only"][2] == "constant" and rows["side"][2] == "off-path"
+
+
+def test_check_pt2_lists_rules_by_what_varies(capsys, tmp_path):
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln = torch.nn.LayerNorm(4)
+
+        def forward(self, x):
+            a = torch.softmax(x, 1)
+            b = torch.maximum(x, a) + torch.minimum(x, torch.tensor(0.5))
+            c = torch.bmm(x.unsqueeze(2), a.unsqueeze(1)).sum(2)                # two varying operands
+            return self.ln(b * c + torch.arange(4.0))
+
+    ep = torch.export.export(M().eval(), (torch.randn(2, 4),), dynamic_shapes=({0: torch.export.Dim("N")},))
+    torch.export.save(ep, str(tmp_path / "m.pt2"))
+    rc, out, err = run(capsys, "check", tmp_path / "m.pt2", "-v")
+    assert rc == 0, out + err
+    assert "softmax" in out and "bilinear" in out and "shapley_pair" in out and "normalization" in out
+    assert "constant" in out                    # arange does not depend on the input
+
+
+def test_explain_progress_without_tqdm(capsys, d, monkeypatch):
+    import sys
+
+    assert run(capsys, "export", d / "mlp.onnx", "-b", d / "bg.npy", "-o", d / "e_prog.onnx")[0] == 0
+    monkeypatch.setitem(sys.modules, "tqdm", None)                   # as if tqdm were not installed
+    rc, _, err = run(capsys, "explain", d / "e_prog.onnx", "-i", d / "x.npy", "-o", d / "o_prog", "--batch-size",
+                     "2")
+    assert rc == 0, err
+    assert "4/4 rows" in err
+
+
+def test_bad_keras_file_and_interrupt(capsys, d, tmp_path, monkeypatch):
+    pytest.importorskip("keras")
+    (tmp_path / "m.keras").write_bytes(b"not a zip")
+    one_line_error(capsys, "export", tmp_path / "m.keras", "-b", d / "bg.npy", "-o", tmp_path / "x.onnx",
+                   match="cannot load Keras model")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_check", interrupted)
+    rc, _, err = run(capsys, "check", d / "mlp.onnx")
+    assert rc == 130 and "interrupted" in err
+
+
+def test_bench_failing_suite_exits_1(capsys, monkeypatch, tmp_path):
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "bench_onnx.py").write_text("import sys\nsys.exit(3)\n")
+    monkeypatch.setattr(cli, "_repo_root", lambda: tmp_path)
+    rc, _, err = run(capsys, "bench", "--suite", "onnx")
+    assert rc == 1 and "exited with code 3" in err
