@@ -5,7 +5,9 @@ How it runs (see docs/tf.md):
 1. The model is traced once with ``tf.function`` and its graph analysed (:mod:`._graph`): every op the
    explained inputs flow through is linear (ordinary gradient) or a rule *site*; anything else is an
    :class:`~deepshap_opt.UnsupportedOperatorError` naming the op and its layer, raised at construction.
-2. The M references run forward once; the values every site needs are cached (``(M, ...)``).
+2. The M references run forward once; the values every site needs are cached, in the reference chunks the
+   backward uses (each distinct tensor once; a ReLU-like site's output that another site reads is
+   recomputed from the cached input instead of stored).
 3. Per batch of explicands: one forward of the ``n`` rows (outputs and site values), then for each
    explained output one *surrogate* backward over ``n × m`` rows (all pairs of explicand × reference in a
    chunk of ``batch_size`` rows): the graph is re-run with every site replaced by a ``tf.custom_gradient``
