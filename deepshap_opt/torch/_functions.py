@@ -9,6 +9,8 @@ pairing of the cached-reference algorithm — and linear ops between sites keep 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..rules.spec import MAXPOOL_EPS, PAIR_EPS, RESCALE_EPS
@@ -99,6 +101,30 @@ class RuleKernels:
         return cls.FUSED[name]
 
 
+def _coalesce(args: tuple[torch.Tensor, ...]) -> tuple[torch.Size, list[torch.Tensor]]:
+    """The broadcast shape of ``args`` and views of them with as few dimensions as possible.
+
+    Adjacent dimensions merge when every argument is either full-size in both or broadcast (size 1) in
+    both, so that an element-wise kernel sees a handful of canonical broadcast patterns (e.g. (M, n, L)
+    against (1, n, L) and (M, 1, L)) instead of one per site shape: the compiled kernel specialises on
+    sizes 0 and 1, and every new pattern would otherwise cost a recompile.
+    """
+    shape = torch.broadcast_shapes(*(a.shape for a in args))
+    sizes = [(1,) * (len(shape) - a.dim()) + tuple(a.shape) for a in args]
+    dims = [d for d in range(len(shape)) if shape[d] != 1]
+    groups: list[list[int]] = []
+    for d in dims:
+        if groups and all((s[d] == 1) == (s[groups[-1][-1]] == 1) for s in sizes):
+            groups[-1].append(d)
+        else:
+            groups.append([d])
+    flat = []
+    for a, s in zip(args, sizes):
+        new = [math.prod(s[d] for d in g) for g in groups]
+        flat.append(a.reshape(new))
+    return shape, flat
+
+
 class Kernel(torch.autograd.Function):
     """One element-wise rule kernel as an op with its own vmap rule: under ``torch.func.vmap`` it receives
     the physical batched tensors, so the (fused) kernel runs once over all references and outputs."""
@@ -109,7 +135,11 @@ class Kernel(torch.autograd.Function):
         if not fuse:
             return kernel(*args)
         try:
-            return kernel(*args)
+            shape, flat = _coalesce(args)
+            # each broadcast pattern is one specialisation of the compiled kernel; allow more than dynamo's
+            # default of 8 before it silently falls back to eager
+            with torch._dynamo.config.patch(recompile_limit=64):
+                return kernel(*flat).reshape(shape)
         except Exception as e:   # no compiler, unsupported platform...: the eager kernel, same numbers
             import warnings
 
