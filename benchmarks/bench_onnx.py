@@ -79,22 +79,27 @@ def case_export(args):
 def case_floor(args):
     torch, model, bg, X = _torch_setup(args)
     model.requires_grad_(False)
-    _N, M = X.shape[0], bg.shape[0]
+    M = bg.shape[0]
     rows = X.repeat_interleave(M, 0)
+    chunk = args.floor_chunk or len(rows)
 
     def once():
         """(wall, CPU) of: a no-grad forward of N + the input-gradient backward over N x M rows (its
-        forward, which a cached-reference method does not need, is not counted)."""
+        forward, which a cached-reference method does not need, is not counted). With --floor-chunk the
+        backward runs over row chunks (same work; bounded memory) and the chunks' times are summed."""
         c0, t0 = time.process_time(), time.perf_counter()
         with torch.no_grad():
             model(X)
-        tf, cf = time.perf_counter() - t0, time.process_time() - c0
-        xr = rows.clone().requires_grad_(True)
-        y = model(xr)
-        sel = y[:, 0].sum()
-        c0, t0 = time.process_time(), time.perf_counter()
-        torch.autograd.grad(sel, xr)
-        return tf + time.perf_counter() - t0, cf + time.process_time() - c0
+        tw, tc = time.perf_counter() - t0, time.process_time() - c0
+        for s in range(0, len(rows), chunk):
+            xr = rows[s:s + chunk].clone().requires_grad_(True)
+            y = model(xr)
+            sel = y[:, 0].sum()
+            c0, t0 = time.process_time(), time.perf_counter()
+            torch.autograd.grad(sel, xr)
+            tw, tc = tw + time.perf_counter() - t0, tc + time.process_time() - c0
+            del y, sel, xr
+        return tw, tc
 
     for _ in range(args.warmup):
         once()
@@ -140,7 +145,9 @@ def case_onnx(args):
     sess = ort.InferenceSession(args.file, so, providers=["CPUExecutionProvider"])
     init = time.perf_counter() - t0
     X = np.load(args.data)["x"]
-    med, ts, cs = _timeit(lambda: sess.run(["shap_values", "shap_indexes"], {"input": X}), args.repeats, args.warmup)
+    step = args.onnx_chunk or len(X)        # --onnx-chunk: the file called on row chunks (bounded memory)
+    med, ts, cs = _timeit(lambda: [sess.run(["shap_values", "shap_indexes"], {"input": X[s:s + step]})
+                                   for s in range(0, len(X), step)], args.repeats, args.warmup)
     return {"latency_s": med, "all_s": ts, "cpu_s": cs, "init_s": init, "frameworks_loaded": blocked}
 
 
@@ -155,7 +162,7 @@ def run_case(args):
 def spawn(case, model, data, file, a) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--model", model, "--data", data,
            "--file", file, "--threads", str(a.threads), "--repeats", str(a.repeats), "--warmup", str(a.warmup),
-           "--classes", str(a.classes)]
+           "--classes", str(a.classes), "--floor-chunk", str(a.floor_chunk), "--onnx-chunk", str(a.onnx_chunk)]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONWARNINGS="ignore")
     lock = None
     if a.lock:                      # one heavy case at a time across processes sharing the machine
@@ -192,6 +199,10 @@ def main():
     ap.add_argument("--metric", default="wall", choices=["wall", "cpu"],
                     help="wall-clock seconds, or process CPU seconds (user + system over all threads: with "
                          "--threads 1 the least disturbed by other processes on a shared machine)")
+    ap.add_argument("--floor-chunk", type=int, default=0,
+                    help="floor: run the N x M-row backward in chunks of this many rows (0: all at once)")
+    ap.add_argument("--onnx-chunk", type=int, default=0,
+                    help="onnx: call the file on chunks of this many explicands (0: all N in one call)")
     ap.add_argument("--lock", default=None,
                     help="flock this file around every case (shared machines: one heavy process at a time)")
     # internal (one case per subprocess)
