@@ -56,6 +56,7 @@ def assert_additivity(phis: Sequence[np.ndarray], outputs: np.ndarray, expected_
     scale = max(float(np.abs(outputs).max(initial=0.0)), float(np.abs(expected_value).max(initial=0.0)), 1e-12)
     rtol = ADDITIVITY_RTOL.get(np.dtype(dtype), 1e-3)
     err = np.abs(total - target)
+    err = np.where(np.isfinite(err), err, np.inf)     # NaN never passes (NaN > tol is False)
     if err.size and err.max() > rtol * scale:
         n, j = np.unravel_index(int(np.argmax(err)), err.shape)
         raise AdditivityError(

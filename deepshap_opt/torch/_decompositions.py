@@ -122,13 +122,13 @@ def _norm2(x, dim, keepdim):
     return torch.sqrt(x.square().sum(dim=dim, keepdim=keepdim))
 
 
-def vector_norm(mode, func, x, ord=2, dim=None, keepdim=False, *, dtype=None):
+def vector_norm(mode, func, x, ord=2, dim=None, keepdim=False, *, dtype=None, out=None):
     if ord != 2 or dim is None:
         raise UnsupportedOperatorError("torch.linalg.vector_norm", mode.where(), "only the 2-norm over given dims")
     return _norm2(x, dim, keepdim)
 
 
-def norm(mode, func, input, p="fro", dim=None, keepdim=False, dtype=None):
+def norm(mode, func, input, p="fro", dim=None, keepdim=False, dtype=None, out=None):
     if p not in (2, "fro") or dim is None:
         raise UnsupportedOperatorError("torch.norm", mode.where(), "only the 2-norm over given dims")
     return _norm2(input, dim, keepdim)
@@ -243,9 +243,11 @@ LINEAR_IF = {
 
 #: name → rewrite into primitives (run with the RuleMode active)
 DECOMPOSITIONS = {
-    "batch_norm": batch_norm, "layer_norm": layer_norm, "rms_norm": rms_norm, "group_norm": group_norm, "instance_norm": instance_norm,
+    "batch_norm": batch_norm, "layer_norm": layer_norm, "rms_norm": rms_norm, "group_norm": group_norm,
+    "instance_norm": instance_norm,
     "addmm": addmm, "addmv": addmv, "baddbmm": baddbmm, "addbmm": addbmm, "addcmul": addcmul, "addcdiv": addcdiv,
-    "vector_norm": vector_norm, "norm": norm, "normalize": normalize, "var": var, "std": std,
+    "vector_norm": vector_norm, "linalg_vector_norm": vector_norm, "norm": norm, "normalize": normalize, "var": var,
+    "std": std,
     "logsumexp": logsumexp, "glu": glu, "scaled_dot_product_attention": scaled_dot_product_attention,
     "multi_head_attention_forward": multi_head_attention_forward,
 }

@@ -378,7 +378,8 @@ def _softmax_parts(z, z_r, dim):
     would overflow once explicand and reference logits differ by ~88.
     """
     lx, lr = torch.logsumexp(z, dim, keepdim=True), torch.logsumexp(z_r, dim, keepdim=True)
-    d = z - z_r
+    # a masked logit (−inf in both, an attention mask) has Δ = 0, not inf − inf = NaN: it contributes 0
+    d = torch.where(torch.isinf(z) & (z == z_r), torch.zeros_like(z), z - z_r)
     u = _safe_div(torch.exp(z - lx) - torch.exp(z_r - lx), d, RESCALE_EPS, torch.exp(z - lx))
     v = _safe_div(torch.exp(z - lr) - torch.exp(z_r - lr), d, RESCALE_EPS, torch.exp(z - lr))
     return u, v, lx, lr

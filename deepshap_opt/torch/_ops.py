@@ -53,7 +53,7 @@ SOFTMAX = {"softmax": "softmax", "log_softmax": "log_softmax", "softmin": "softm
 # composites rewritten into the primitives above (see ._decompositions)
 DECOMPOSE = frozenset("""
 layer_norm group_norm instance_norm rms_norm batch_norm multi_head_attention_forward scaled_dot_product_attention
-addmm baddbmm addbmm addmv addcmul addcdiv normalize norm vector_norm var std logsumexp glu dropout dropout1d
+addmm baddbmm addbmm addmv addcmul addcdiv normalize norm vector_norm linalg_vector_norm var std logsumexp glu dropout dropout1d
 dropout2d dropout3d alpha_dropout feature_alpha_dropout embedding
 """.split())
 # no gradient: the result is a data-dependent constant ("tainted"); using it in the explained

@@ -30,7 +30,7 @@ from ..errors import UnsupportedOperatorError
 from ._tracer import ControlFlowError, FoldedBatchError, RuleMode
 
 #: transient memory the backward may use when batch_size is not given (bytes)
-DEFAULT_MEMORY_BUDGET = 2 * 2**30
+DEFAULT_MEMORY_BUDGET = 2**30
 #: with ``fuse_rules=None`` the rule kernels are fused once a chunk's largest site spans this many
 #: elements (n·M·k rows × site size): below it the one-time compile costs more than it saves
 AUTO_FUSE_ELEMENTS = 2**24
