@@ -154,9 +154,6 @@ def test_div_pair_float32_onnx_is_accurate():
     assert np.abs(_onnx(net, bg, X) - exact).max() / scale <= 1e-6
 
 
-@pytest.mark.xfail(strict=True, reason="torch backend, float32: the Div pair rule divides differences of g by Δa "
-                   "and Δb (ShapleyPair's general form), which cancels when Δ is small: 1.3e-4 of the output scale "
-                   "from the float64 values on this net, where ONNX's closed form is within 2e-8")
 def test_div_pair_float32_torch_agrees_with_onnx():
     check(DIV_SPEC, backends=("onnx",))
 

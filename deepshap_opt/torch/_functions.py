@@ -365,6 +365,9 @@ class ShapleyPair(_TwoOperand):
     def backward(ctx, g):
         a_r, b_r = ctx.site.refs()
         a, b, fn = ctx.a, ctx.b, ctx.fn
+        if fn is torch.div:   # a / b: the same split in closed form, without differences divided by Δ
+            ma, mb = 0.5 * (1 / b + 1 / b_r), -0.5 * (a + a_r) / (b * b_r)
+            return sum_to(g * ma, a.shape), sum_to(g * mb, b.shape), None, None
         fxx, frr, frx, fxr = fn(a, b), fn(a_r, b_r), fn(a_r, b), fn(a, b_r)
         ma = _safe_div(0.5 * ((fxx - frx) + (fxr - frr)), a - a_r, PAIR_EPS, 0.0)
         mb = _safe_div(0.5 * ((fxx - fxr) + (frx - frr)), b - b_r, PAIR_EPS, 0.0)

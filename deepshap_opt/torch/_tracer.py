@@ -242,8 +242,12 @@ class RuleMode(TorchFunctionMode):
         canon = T.BILINEAR.get(name) or T.PAIR[name]
         if av and bv:
             kind = "bilinear" if name in T.BILINEAR else "pair"
-            out = self._pair(kind, torch.mul if canon == "mul" and name != "outer" else (lambda p, q: f(p, q)), a, b,
-                             canon)
+            if canon == "div" and not fkwargs and len(fargs) == 2:   # closed-form Shapley split of a / b
+                num, den = (b, a) if name.startswith("__r") else (a, b)
+                out = self._pair(kind, torch.div, num, den, canon)
+            else:
+                out = self._pair(kind, torch.mul if canon == "mul" and name != "outer" else (lambda p, q: f(p, q)),
+                                 a, b, canon)
         elif name in T.BILINEAR or (canon == "div" and av and not name.startswith("__r")):
             return self._linear(func, name, args, kwargs)        # product with / division by a constant
         else:
