@@ -78,18 +78,11 @@ def _relu_times(g, x, r_in):
     return _rescale_times(g, x, torch.relu(x), (x > 0).to(g.dtype), r_in, torch.relu(r_in))
 
 
-def _routed_ratio(routed, x, r_in):
-    """routed / (x − r_in), 0 where |x − r_in| < MAXPOOL_EPS: the max-pool rule's final division."""
-    d = x - r_in
-    small = d.abs() < MAXPOOL_EPS
-    return torch.where(small, torch.zeros_like(routed), routed / torch.where(small, torch.ones_like(d), d))
-
-
 class RuleKernels:
     """The element-wise rule kernels, eager or fused by ``torch.compile`` (one pass over the n·M rows
     instead of ~8; the first compile takes a minute, later processes reuse inductor's on-disk cache)."""
 
-    EAGER = {"rescale_times": _rescale_times, "relu_times": _relu_times, "routed_ratio": _routed_ratio}
+    EAGER = {"rescale_times": _rescale_times, "relu_times": _relu_times}
     FUSED: dict = {}
 
     @classmethod
@@ -125,7 +118,20 @@ def _coalesce(args: tuple[torch.Tensor, ...]) -> tuple[torch.Size, list[torch.Te
     return shape, flat
 
 
-class Kernel(torch.autograd.Function):
+class _Multiplier(torch.autograd.Function):
+    """An op of the rules' backward pass: it runs under ``vmap`` (its subclass gives the vmap rule) and is
+    never differentiated itself."""
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):  # pragma: no cover - multipliers are never differentiated
+        raise RuntimeError("rule multipliers are not differentiable")
+
+
+class Kernel(_Multiplier):
     """One element-wise rule kernel as an op with its own vmap rule: under ``torch.func.vmap`` it receives
     the physical batched tensors, so the (fused) kernel runs once over all references and outputs."""
 
@@ -149,21 +155,13 @@ class Kernel(torch.autograd.Function):
             return RuleKernels.EAGER[name](*args)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):  # pragma: no cover - multipliers are never differentiated
-        raise RuntimeError("rule multipliers are not differentiable")
-
-    @staticmethod
     def vmap(info, in_dims, name, fuse, *args):
         # element-wise with broadcasting: batched args get the batch axis first, the others a broadcast axis
         moved = [a.unsqueeze(0) if d is None else a.movedim(d, 0) for a, d in zip(args, in_dims[2:])]
         return Kernel.apply(name, fuse, *moved), 0
 
 
-class ConvInputGrad(torch.autograd.Function):
+class ConvInputGrad(_Multiplier):
     """The input gradient of a convolution, with a vmap rule that folds the mapped axes into the batch.
 
     functorch's own batching rule for ``convolution_backward`` materialises the (never read) input at
@@ -177,14 +175,6 @@ class ConvInputGrad(torch.autograd.Function):
         zeros = [0] * len(stride)
         return torch.ops.aten.convolution_backward(g, inp, weight, None, stride, padding, dilation, False, zeros,
                                                    groups, [True, False, False])[0]
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):  # pragma: no cover - multipliers are never differentiated
-        raise RuntimeError("rule multipliers are not differentiable")
 
     @staticmethod
     def vmap(info, in_dims, g, weight, in_shape, stride, padding, dilation, groups):
