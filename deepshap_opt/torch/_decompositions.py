@@ -46,17 +46,31 @@ def group_norm(mode, func, input, num_groups, weight=None, bias=None, eps=1e-5):
 
 def instance_norm(mode, func, input, running_mean=None, running_var=None, weight=None, bias=None,
                   use_input_stats=True, momentum=0.1, eps=1e-5):
+    if not use_input_stats:   # the running statistics' affine map, as eval batch-norm
+        return batch_norm(mode, func, input, running_mean, running_var, weight, bias, eps=eps)
     shape = (1, input.shape[1]) + (1,) * (input.dim() - 2)
-    if use_input_stats:
-        y = _normalize_last(input, tuple(range(2, input.dim())), eps)
-    else:
-        y = (input - running_mean.reshape(shape)) * torch.rsqrt(running_var.reshape(shape) + eps)
+    y = _normalize_last(input, tuple(range(2, input.dim())), eps)
     if weight is not None:
         y = y * weight.reshape(shape)
     return y + bias.reshape(shape) if bias is not None else y
 
 
 # ---- ops that are linear under a condition: checked, then run as they are ---------------------------
+def dropout(mode, func, input, p=0.5, training=True, inplace=False):
+    if training and p > 0:
+        raise UnsupportedOperatorError(
+            f"torch.nn.functional.{func.__name__}", mode.where(),
+            "dropout in training mode is random; call it with training=self.training (the explainer uses eval)")
+
+
+def embedding(mode, func, input, weight, *args, **kwargs):
+    raise UnsupportedOperatorError(
+        "torch.nn.functional.embedding", mode.where(),
+        "integer token ids cannot be attributed; explain the embedding's output with DeepExplainer((model, "
+        "model.<embedding layer>), data)")
+
+
+# ---- decompositions into primitives ---------------------------------------------------------------
 def batch_norm(mode, func, input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5):
     """Eval-mode batch-norm as the per-channel affine map x·s + t it is.
@@ -79,21 +93,6 @@ def batch_norm(mode, func, input, running_mean, running_var, weight=None, bias=N
     return input * scale.reshape(shape) + shift.reshape(shape)
 
 
-def dropout(mode, func, input, p=0.5, training=True, inplace=False):
-    if training and p > 0:
-        raise UnsupportedOperatorError(
-            f"torch.nn.functional.{func.__name__}", mode.where(),
-            "dropout in training mode is random; call it with training=self.training (the explainer uses eval)")
-
-
-def embedding(mode, func, input, weight, *args, **kwargs):
-    raise UnsupportedOperatorError(
-        "torch.nn.functional.embedding", mode.where(),
-        "integer token ids cannot be attributed; explain the embedding's output with DeepExplainer((model, "
-        "model.<embedding layer>), data)")
-
-
-# ---- decompositions into primitives ---------------------------------------------------------------
 def addmm(mode, func, input, mat1, mat2, *, beta=1, alpha=1):
     return beta * input + alpha * (mat1 @ mat2)
 

@@ -187,6 +187,8 @@ def zoo():
         "groupnorm": (lambda: cnn(2, nn.Conv2d, nn.AvgPool2d(2), lambda c: nn.GroupNorm(2, c)), (2, 6, 6)),
         "instancenorm": (lambda: cnn(2, nn.Conv2d, nn.AvgPool2d(2), lambda c: nn.InstanceNorm2d(c, affine=True)),
                          (2, 6, 6)),
+        "instancenorm_running_stats": (lambda: cnn(2, nn.Conv2d, nn.AvgPool2d(2), lambda c: _running(
+            nn.InstanceNorm2d(c, affine=True, track_running_stats=True))), (2, 6, 6)),
         "rmsnorm": (lambda: nn.Sequential(nn.Linear(6, 8), nn.RMSNorm(8), nn.SiLU(), nn.Linear(8, 3)), (6,)),
         "upsample_nearest": (lambda: cnn(2, nn.Conv2d, nn.Upsample(scale_factor=2)), (2, 5, 5)),
         "upsample_bilinear": (lambda: cnn(2, nn.Conv2d, nn.Upsample(scale_factor=2, mode="bilinear")), (2, 5, 5)),
@@ -204,6 +206,14 @@ def zoo():
         "transformer_encoder": (_Encoder, (4, 8)),
     })
     return Z
+
+
+def _running(norm):
+    """``norm`` with non-trivial running statistics (eval mode then uses them instead of the input's)."""
+    with torch.no_grad():
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 2.0)
+    return norm
 
 
 class ConvVariants(nn.Module):
