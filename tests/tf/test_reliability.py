@@ -1,7 +1,5 @@
 """Hostile inputs and state safety of deepshap_opt.tf.DeepExplainer (the TF rows of docs/reliability.md)."""
 
-import threading
-
 import keras
 import numpy as np
 import pytest
@@ -11,6 +9,8 @@ from keras import layers as L
 import deepshap_opt
 from deepshap_opt.rules import reference
 from deepshap_opt.tf import DeepExplainer
+
+from .._concurrency import run_in_threads
 
 RNG = np.random.default_rng(0)
 BG = RNG.normal(size=(8, 4)).astype("float32")
@@ -193,7 +193,8 @@ class BatchMean(keras.Model):
 
 
 def test_model_that_mixes_the_batch_is_refused():
-    with pytest.raises(ValueError, match=r"op batch_mean.*/Mean \(Mean\) gives shape \(1, 4\) from the batch: it mixes"):
+    with pytest.raises(ValueError,
+                       match=r"op batch_mean.*/Mean \(Mean\) gives shape \(1, 4\) from the batch: it mixes"):
         DeepExplainer(BatchMean(), BG)
 
 
@@ -339,19 +340,6 @@ def test_threads_share_an_explainer_and_get_the_serial_result(model):
     e = DeepExplainer(model, BG)
     other = DeepExplainer(mlp(7), BG)
     expected, expected_other = e.shap_values(X), other.shap_values(X)
-    results, errors = [None] * 6, []
-
-    def work(i):
-        try:
-            results[i] = (e if i % 3 else other).shap_values(X)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    results = run_in_threads(lambda i: (e if i % 3 else other).shap_values(X))
     for i, r in enumerate(results):
         np.testing.assert_array_equal(r, expected if i % 3 else expected_other)

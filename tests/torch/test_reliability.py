@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from deepshap_opt.torch import DeepExplainer
+
+from .._concurrency import run_in_threads
 
 
 def mlp(seed=0):
@@ -58,20 +58,7 @@ def test_enormous_background_is_chunked_within_the_memory_budget():
 def test_concurrent_threads_get_the_serial_result():
     e = DeepExplainer(mlp(), BG)
     expected = e.shap_values(X)
-    results, errors = [None] * 6, []
-
-    def work(i):
-        try:
-            results[i] = e.shap_values(X)
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    results = run_in_threads(lambda i: e.shap_values(X))
     for r in results:
         np.testing.assert_array_equal(r, expected)
 
