@@ -71,8 +71,9 @@ def case_export(args):
     sys.path.insert(0, ROOT)
     import deepshap_opt.onnx as dso
 
+    kw = {} if args.onnx_budget_mb < 0 else {"memory_budget": int(args.onnx_budget_mb * 2**20) or None}
     t0 = time.perf_counter()
-    dso.export(model, bg, args.file, outputs="top1", check=False)
+    dso.export(model, bg, args.file, outputs="top1", check=False, **kw)
     return {"export_s": time.perf_counter() - t0, "file_mb": os.path.getsize(args.file) / 2**20}
 
 
@@ -144,11 +145,13 @@ def case_onnx(args):
     t0 = time.perf_counter()
     sess = ort.InferenceSession(args.file, so, providers=["CPUExecutionProvider"])
     init = time.perf_counter() - t0
+    init_peak = _peak_mb()                  # the session's load (references' branch folded into constants)
     X = np.load(args.data)["x"]
     step = args.onnx_chunk or len(X)        # --onnx-chunk: the file called on row chunks (bounded memory)
     med, ts, cs = _timeit(lambda: [sess.run(["shap_values", "shap_indexes"], {"input": X[s:s + step]})
                                    for s in range(0, len(X), step)], args.repeats, args.warmup)
-    return {"latency_s": med, "all_s": ts, "cpu_s": cs, "init_s": init, "frameworks_loaded": blocked}
+    return {"latency_s": med, "all_s": ts, "cpu_s": cs, "init_s": init, "init_peak_rss_mb": init_peak,
+            "frameworks_loaded": blocked}
 
 
 def run_case(args):
@@ -162,7 +165,8 @@ def run_case(args):
 def spawn(case, model, data, file, a) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--model", model, "--data", data,
            "--file", file, "--threads", str(a.threads), "--repeats", str(a.repeats), "--warmup", str(a.warmup),
-           "--classes", str(a.classes), "--floor-chunk", str(a.floor_chunk), "--onnx-chunk", str(a.onnx_chunk)]
+           "--classes", str(a.classes), "--floor-chunk", str(a.floor_chunk), "--onnx-chunk", str(a.onnx_chunk),
+           "--onnx-budget-mb", str(a.onnx_budget_mb)]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONWARNINGS="ignore")
     lock = None
     if a.lock:                      # one heavy case at a time across processes sharing the machine
@@ -170,15 +174,38 @@ def spawn(case, model, data, file, a) -> dict:
 
         lock = open(a.lock, "a")    # noqa: SIM115 - held across the subprocess, closed below
         fcntl.flock(lock, fcntl.LOCK_EX)
+    capped = None
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=a.timeout, check=False)
+        with tempfile.TemporaryFile("w+") as fo, tempfile.TemporaryFile("w+") as fe:
+            p = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True, env=env)
+            t0 = time.perf_counter()
+            while p.poll() is None:
+                if time.perf_counter() - t0 > a.timeout:
+                    p.kill()
+                if a.mem_cap_mb:          # --mem-cap-mb: the case is killed when its RSS passes the cap
+                    try:
+                        import psutil
+
+                        rss = psutil.Process(p.pid).memory_info().rss / 2**20
+                    except Exception:  # noqa: BLE001 - the process ended between poll and read
+                        rss = 0.0
+                    if rss > a.mem_cap_mb:
+                        capped = rss
+                        p.kill()
+                time.sleep(0.2)
+            fo.seek(0)
+            fe.seek(0)
+            out, err = fo.read(), fe.read()
     finally:
         if lock is not None:
             lock.close()
-    for line in p.stdout.splitlines():
+    if capped is not None:
+        return {"error": f"killed: RSS {capped:.0f} MiB passed the cap --mem-cap-mb {a.mem_cap_mb}",
+                "mem_capped": True}
+    for line in out.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    return {"error": (p.stderr or p.stdout)[-800:]}
+    return {"error": (err or out)[-800:]}
 
 
 def main():
@@ -203,6 +230,11 @@ def main():
                     help="floor: run the N x M-row backward in chunks of this many rows (0: all at once)")
     ap.add_argument("--onnx-chunk", type=int, default=0,
                     help="onnx: call the file on chunks of this many explicands (0: all N in one call)")
+    ap.add_argument("--onnx-budget-mb", type=float, default=-1,
+                    help="export's memory_budget in MiB (the explanation's Loop over explicand chunks; 0: no "
+                         "Loop, all N x M rows in one run; default: export's default)")
+    ap.add_argument("--mem-cap-mb", type=float, default=0,
+                    help="kill a case whose resident memory passes this many MiB (recorded as an error)")
     ap.add_argument("--lock", default=None,
                     help="flock this file around every case (shared machines: one heavy process at a time)")
     # internal (one case per subprocess)

@@ -21,9 +21,12 @@ __all__ = ["DeepExplainer", "build", "export"]
 
 #: protobuf's limit; above it the initializers go to an external data file next to the .onnx file
 _PROTO_LIMIT = 2_000_000_000
+#: default bound on one run of the exported explanation (bytes; see ``export``)
+_DEFAULT_BUDGET = 1 << 30
 
 
-def build(model, background, *, outputs="top1", opset=None, cache="auto", output_name=None):
+def build(model, background, *, outputs="top1", opset=None, cache="auto", output_name=None,
+          memory_budget=_DEFAULT_BUDGET):
     """The explanation model as an ``onnx.ModelProto`` (see :func:`export` for the arguments)."""
     from ._convert import check_background, check_background_arrays
     from ._graph import ExplanationBuilder, prepare_model
@@ -33,12 +36,13 @@ def build(model, background, *, outputs="top1", opset=None, cache="auto", output
     proto = load_model(model, bg, opset)
     proto = prepare_model(proto, opset)
     bg = check_background(proto, bg)
-    builder = ExplanationBuilder(proto, bg, outputs=outputs, cache=cache, output_name=output_name)
+    builder = ExplanationBuilder(proto, bg, outputs=outputs, cache=cache, output_name=output_name,
+                                 memory_budget=memory_budget)
     return builder.build()
 
 
 def export(model, background, path, *, outputs="top1", opset=None, cache="auto", output_name=None,
-           check=True):
+           memory_budget=_DEFAULT_BUDGET, check=True):
     """Export ``model`` and its DeepSHAP explanation graph to ONE .onnx file at ``path``.
 
     Parameters
@@ -55,6 +59,11 @@ def export(model, background, path, *, outputs="top1", opset=None, cache="auto",
         activations from it, which onnxruntime folds into constants when the session is created) or ``"auto"``
         (embed while that adds at most 64 MB or half the weights' size, else recompute).
     output_name: which graph output to explain (default: the first).
+    memory_budget: bytes that one run of the explanation may hold (default 1 GiB; estimated as 16 × the
+        largest activation per (explicand, output, reference) row). The explanation is written inside an ONNX
+        ``Loop`` over chunks of explicands sized to fit it (at least one explicand, i.e. ``S·M`` rows, per
+        iteration), so the file's peak memory does not grow with the batch. ``None``: no Loop, one run over
+        all ``N·S·M`` rows (the peak grows with ``N``).
 
     The file's outputs are the model's outputs plus ``shap_values`` ``(N, *in, S)`` (``shap_values_<input>``
     per input when there are several) and, for ranked modes, ``shap_indexes`` ``(N, S)``. The expected value
@@ -62,7 +71,8 @@ def export(model, background, path, *, outputs="top1", opset=None, cache="auto",
     """
     import onnx
 
-    proto = build(model, background, outputs=outputs, opset=opset, cache=cache, output_name=output_name)
+    proto = build(model, background, outputs=outputs, opset=opset, cache=cache, output_name=output_name,
+                  memory_budget=memory_budget)
     path = os.fspath(path)
     size = sum(len(t.raw_data) for t in proto.graph.initializer)
     if size > _PROTO_LIMIT:

@@ -52,7 +52,8 @@ class ONNXDeepExplainer(ExplainerBase):
         proto = prepare_model(load_model(model_or_path, bg, opset), opset)
         bg = check_background(proto, bg)
         self.data = bg
-        builder = ExplanationBuilder(proto, bg, outputs="target", cache=cache, output_name=output_name)
+        builder = ExplanationBuilder(proto, bg, outputs="target", cache=cache, output_name=output_name,
+                                     memory_budget=None)      # this class chunks the runs itself
         p = builder.plan
         self.input_names = list(p.inputs)
         self.output_name = builder.y
@@ -84,7 +85,8 @@ class ONNXDeepExplainer(ExplainerBase):
             self._groups, evs = [], []
             for s in range(0, M, m_max):
                 part = [b[s:s + m_max] for b in bg]
-                gb = ExplanationBuilder(proto, part, outputs="target", cache="recompute", output_name=output_name)
+                gb = ExplanationBuilder(proto, part, outputs="target", cache="recompute", output_name=output_name,
+                                        memory_budget=None)
                 self._groups.append((len(part[0]), gb.build().SerializeToString()))
                 evs.append(len(part[0]) * np.asarray(gb.expected_value, np.float64))
             self.cache = "recompute"

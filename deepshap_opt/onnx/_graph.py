@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import UnsupportedOperatorError
 from ..rules import spec
 from ._builder import Builder
+from ._loop import subgraph_refs
 
 MIN_OPSET = 17
 #: auto cache: embed the references' activations while they add at most this many bytes ...
@@ -33,6 +34,10 @@ EMBED_MAX_BYTES = 64 << 20
 EMBED_MAX_FRACTION = 0.5
 #: the references are run through the model in chunks of this many rows when their activations are cached
 REF_CHUNK = 64
+#: export default: one run of the explanation (one Loop iteration) holds at most this many bytes (estimated)
+DEFAULT_MEMORY_BUDGET = 1 << 30
+#: live tensors of the largest activation's size assumed per (explicand, output, reference) row
+LIVE_FACTOR = 16
 
 _SHAPE_OPS = {"Shape", "Size"}
 _ELEMENTWISE = {
@@ -218,7 +223,11 @@ class ExplanationBuilder:
     """Writes the explanation graph. See the module docstring for the layout."""
 
     def __init__(self, model: onnx.ModelProto, background: list[np.ndarray], outputs="top1", cache="auto",
-                 output_name: str | None = None):
+                 output_name: str | None = None, memory_budget: int | None = DEFAULT_MEMORY_BUDGET):
+        if memory_budget is not None and (isinstance(memory_budget, bool) or
+                                          not isinstance(memory_budget, (int, np.integer)) or memory_budget < 1):
+            raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
+        self.memory_budget = memory_budget
         self.model = model
         self.opset = opset_of(model)
         self.bg = [np.ascontiguousarray(b) for b in background]
@@ -489,6 +498,10 @@ class ExplanationBuilder:
             else:
                 fwd.append(n)
         g = p.model.graph
+        nodes, loop_inits = fwd + ref_nodes + b.nodes, []
+        self.rows_per_run = None
+        if self.memory_budget is not None:
+            nodes, loop_inits = self._loop_nodes(fwd, ref_nodes, new_outputs)
         outs = []
         for o in g.output:
             tt = o.type.tensor_type
@@ -504,11 +517,11 @@ class ExplanationBuilder:
                 v = helper.make_tensor_value_info(v.name, v.type.tensor_type.elem_type, ["N", *p.rest[v.name]])
             ins.append(v)
         graph = helper.make_graph(
-            fwd + ref_nodes + b.nodes, g.name or "deepshap", ins + (
+            nodes, g.name or "deepshap", ins + (
                 [helper.make_tensor_value_info("target", TensorProto.INT64, ["N", "S"])] if self.mode == "target"
                 else []),
             outs + list(new_outputs),
-            initializer=list(g.initializer) + ref_inits + b.inits)
+            initializer=list(g.initializer) + ref_inits + b.inits + loop_inits)
         # Constant-node / sparse initializers are kept as nodes; keep sparse ones
         graph.sparse_initializer.extend(g.sparse_initializer)
         out = helper.make_model(graph, opset_imports=list(p.model.opset_import), producer_name="deepshap_opt",
@@ -521,8 +534,52 @@ class ExplanationBuilder:
             "deepshap_opt.explained_output": self.y,
             "deepshap_opt.references": str(self.M),
             "deepshap_opt.cache": cache,
+            "deepshap_opt.rows_per_run": "all" if self.rows_per_run is None else str(self.rows_per_run),
         })
         return _toposort(out)
+
+    def row_bytes(self) -> int:
+        """Estimated bytes of one (explicand, output, reference) row of the backward pass."""
+        p = self.plan
+        itemsize = max(np.dtype(p.dtype[t]).itemsize for t in p.rest)
+        biggest = max([int(np.prod(r, dtype=np.int64)) for t, r in p.rest.items() if p.batched.get(t)] or [1])
+        return LIVE_FACTOR * biggest * itemsize
+
+    def _loop_nodes(self, fwd, ref_nodes, new_outputs):
+        """The explanation inside a Loop over chunks of explicands (see _loop.py)."""
+        from ._loop import wrap_in_loop
+
+        p = self.plan
+        self.rows_per_run = max(1, int(self.memory_budget) // self.row_bytes())
+        inputs = list(p.inputs) + (["target"] if self.mode == "target" else [])
+
+        def spec_of(v):
+            tt = v.type.tensor_type
+            dims = [d.dim_param if d.dim_param else int(d.dim_value) for d in tt.shape.dim][1:]
+            return v.name, tt.elem_type, dims
+
+        finals = [spec_of(v) for v in new_outputs]
+        outs = p.graph_outputs
+        from_body = (len(set(outs)) == len(outs) and not set(outs) & set(inputs)
+                     and all(o in p.dep and p.batched.get(o) and o not in p.merged for o in outs))
+        model_outs = [(o, helper.np_dtype_to_tensor_dtype(p.dtype[o]), list(p.rest[o])) for o in outs] \
+            if from_body else []
+        taken = set(self.b._taken) | {t for n in ref_nodes for t in n.output}
+        nodes, inits = wrap_in_loop(
+            opset=self.opset, taken=taken, fwd_nodes=fwd, dep=p.dep, inputs=inputs, back_nodes=self.b.nodes,
+            final_outputs=finals, model_outputs=model_outs, model_outputs_from_body=from_body,
+            rows_per_run=self.rows_per_run, M=self.M, S=self.S, target="target" if self.mode == "target" else None,
+            const_value=self._small_const)
+        outer_fwd = [n for n in fwd if not any(t in p.dep for t in n.input if t)] if from_body else list(p.nodes)
+        return outer_fwd + ref_nodes + nodes, inits
+
+    def _small_const(self, name: str):
+        p = self.plan
+        try:
+            v = p.const(name)
+        except KeyError:
+            return None
+        return v if v.size <= 4096 else None
 
     def _run_references(self, names: list[str]) -> dict[str, np.ndarray]:
         import onnxruntime as ort
@@ -1501,6 +1558,7 @@ def _toposort(model: onnx.ModelProto) -> onnx.ModelProto:
     for i, n in enumerate(nodes):
         for o in n.output:
             producers[o] = i
+    implicit = {i: subgraph_refs(n) for i, n in enumerate(nodes) if n.op_type in ("Loop", "If", "Scan")}
     order, state = [], [0] * len(nodes)
     for start in range(len(nodes)):
         if state[start]:
@@ -1512,7 +1570,8 @@ def _toposort(model: onnx.ModelProto) -> onnx.ModelProto:
                 if state[i]:
                     continue
                 state[i] = 1
-            ins = [t for t in nodes[i].input if t not in avail and t in producers]
+            ins = [t for t in list(nodes[i].input) + sorted(implicit.get(i, ()))
+                   if t not in avail and t in producers]
             pushed = False
             while k < len(ins):
                 j = producers[ins[k]]

@@ -19,6 +19,28 @@ def expected_value(proto: onnx.ModelProto) -> np.ndarray:
     return np.array([float(v) for v in meta["deepshap_opt.expected_value"].split(",")])
 
 
+def all_nodes(graph):
+    """Every node of a graph and of its subgraphs (the explanation's Loop body)."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from all_nodes(g)
+
+
+def all_ops(proto) -> set[str]:
+    return {n.op_type for n in all_nodes(proto.graph)}
+
+
+def forward_ops(proto) -> set[str]:
+    """Op types of the model's own forward nodes: outside the Loop, or copied into its body ("dsl/fwd_")."""
+    return {n.op_type for n in all_nodes(proto.graph)
+            if n.name.startswith("dsl/fwd_") or not n.name.startswith(("dsx/", "dsr/", "dsw/", "dsl/"))}
+
+
 def run(proto, feeds: dict) -> dict:
     s = session(proto)
     names = [o.name for o in s.get_outputs()]
