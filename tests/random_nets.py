@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 import hypothesis.strategies as st
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, settings
@@ -37,6 +38,16 @@ JOINS = ["none", "add", "cat"]
 EXAMPLES = int(os.environ.get("DEEPSHAP_FUZZ_EXAMPLES", "200"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread while a property module runs (restored afterwards): on these tiny networks a second
+    OpenMP worker only spins, at 3-10x the CPU time of the single-threaded run."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def n_examples(fraction: float, floor: int = 10) -> int:

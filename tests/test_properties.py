@@ -7,12 +7,15 @@ found by the fuzzer is added below as an explicit ``@example`` so that it stays 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import example, given, settings
 
 from deepshap_opt.torch import DeepExplainer
 
-from .random_nets import SETTINGS, TorchCNN, TorchNet, cnn_specs, n_examples, net_specs
+from .random_nets import SETTINGS, TorchCNN, TorchNet, cnn_specs, n_examples, net_specs, one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def completeness(spec, dtype):

@@ -6,9 +6,11 @@ OIHW → HWIO, NHWC activations) and the torch network exported to ONNX and expl
 (``deepshap_opt.onnx.DeepExplainer``). For every backend: Σφ = f(x) − E f(background) within 1e-4 of the
 output scale in float32 (1e-8 in float64), and the backends' SHAP values agree within 1e-4 of the scale.
 
-Cost: a Keras example traces and compiles two ``tf.function``s (≈ 0.5–1.5 s on 2 CPU cores), a torch + ONNX
-example ≈ 0.1 s, so the default run has ``DEEPSHAP_FUZZ_EXAMPLES`` (200) torch-vs-ONNX examples and fewer
-three-backend ones (see ``docs/reliability.md``); ``tox -e fuzz`` multiplies all of them by 25.
+Cost: a Keras example traces two ``tf.function``s (the explainer's forward and backward passes, ≈ 0.5 s of
+CPU for an MLP, ≈ 0.8 s for a CNN); torch and ONNX add ≈ 0.05 s once they run on one thread (``one_thread``,
+``_session_options``: with 2 threads, OpenMP's and onnxruntime's spinning workers cost 3-10x the CPU on these tiny
+tensors). Every float32 example goes through all three backends: ``DEEPSHAP_FUZZ_EXAMPLES`` (200) MLP DAGs
+and a quarter as many CNNs; ``tox -e fuzz`` multiplies the counts by 25 (see ``docs/reliability.md``).
 
 float64: the torch and Keras backends explain float64 models of every op here; the ONNX file of a float64 torch
 model runs in onnxruntime only for the activations that have float64 kernels there (``ONNX64_ACTS``).
@@ -24,7 +26,7 @@ import pytest
 from hypothesis import example, given, settings
 
 torch = pytest.importorskip("torch")
-pytest.importorskip("onnxruntime")
+ort = pytest.importorskip("onnxruntime")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 keras = pytest.importorskip("keras")
 
@@ -33,7 +35,9 @@ from deepshap_opt.tf import DeepExplainer as KerasExplainer
 from deepshap_opt.torch import DeepExplainer as TorchExplainer
 
 from .cross_nets import keras_cnn, keras_net, nhwc
-from .random_nets import KINDS, SETTINGS, TorchCNN, TorchNet, cnn_specs, n_examples, net_specs
+from .random_nets import KINDS, SETTINGS, TorchCNN, TorchNet, cnn_specs, n_examples, net_specs, one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TOL32, TOL64, AGREE = 1e-4, 1e-8, 1e-4
 N_BG, N_X = 5, 3
@@ -43,6 +47,21 @@ ONNX_KINDS = [k for k in KINDS if k != "rmsnorm"]
 # onnxruntime has float64 kernels for these activations only (not for Elu, Selu, LeakyRelu, Erf, Softplus,
 # HardSigmoid; torch.onnx.export runs Celu in float32 between two Casts, so its float64 model is not exact)
 ONNX64_ACTS = ["relu", "relu6", "silu", "hardtanh", "sigmoid", "tanh", "softsign", "logsigmoid"]
+# Known float32 limit (the regression tests at the end, xfail strict): onnxruntime's and TensorFlow's float32
+# Elu/Selu/Celu kernels compute exp(x) - 1 (absolute error ~6e-8 near 0; torch uses expm1) and the ONNX and TF
+# backends' rescale rules take Δy from those values, so where an activation's Δx is small and the Δ upstream
+# large their SHAP values miss the float64 ones by up to ~2e-4 of the output scale (torch: 2e-5). Until that
+# is fixed, an example with one of these activations is held to AGREE_EXP between those backends and torch
+# (completeness keeps TOL32).
+EXP_ACTS, AGREE_EXP = {"elu", "selu", "celu"}, 1e-3
+
+
+def _session_options():
+    """onnxruntime on one thread (its default pool of spinning workers costs more CPU than these graphs)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
 
 
 def _case(spec, cnn, dtype):
@@ -70,7 +89,7 @@ def _torch(net, bg, X):
 def _onnx(net, bg, X):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")           # torch.onnx.export's tracer warnings
-        explainer = dso.DeepExplainer(net, bg.numpy())
+        explainer = dso.DeepExplainer(net, bg.numpy(), session_options=_session_options())
     return np.asarray(explainer.shap_values(X.numpy(), check_additivity=False))
 
 
@@ -84,10 +103,16 @@ def _keras(spec, net, bg, X, cnn):
     return phi.transpose(0, 3, 1, 2, 4) if cnn else phi      # back to torch's NCHW layout
 
 
-def check(spec, cnn=False, dtype=torch.float32, backends=("onnx", "keras")):
-    """Completeness of every backend and agreement of each with the torch backend."""
+def _acts(spec, cnn):
+    return {blk[0] for blk in spec[1]} if cnn else {node[3] for node in spec[1]}
+
+
+def check(spec, cnn=False, dtype=torch.float32, backends=("onnx", "keras"), exp_tol=True):
+    """Completeness of every backend and agreement of each with the torch backend (``exp_tol``: the known
+    float32 Elu/Selu/Celu limit of ONNX and TF, see ``EXP_ACTS``)."""
     net, bg, X, target, scale = _case(spec, cnn, dtype)
     tol = TOL64 if dtype == torch.float64 else TOL32
+    agree = AGREE_EXP if exp_tol and dtype == torch.float32 and _acts(spec, cnn) & EXP_ACTS else AGREE
     phis = {"torch": _torch(net, bg, X)}
     if "onnx" in backends:
         phis["onnx"] = _onnx(net, bg, X)
@@ -98,24 +123,12 @@ def check(spec, cnn=False, dtype=torch.float32, backends=("onnx", "keras")):
         err = _completeness(phi, target, scale)
         assert err <= tol, f"{name}: completeness error {err:.3g} of the output scale (> {tol:g})"
         gap = np.abs(phi - phis["torch"]).max() / scale
-        assert gap <= AGREE, f"{name} vs torch: max |Δφ| {gap:.3g} of the output scale (> {AGREE:g})"
+        lim = AGREE if name == "torch" else agree
+        assert gap <= lim, f"{name} vs torch: max |Δφ| {gap:.3g} of the output scale (> {lim:g})"
 
 
-# torch vs ONNX: cheap, the full example count
+# torch vs ONNX vs Keras, float32: every example in the three backends
 @SETTINGS
-@given(net_specs(kinds=ONNX_KINDS))
-def test_mlp_torch_onnx_float32(spec):
-    check(spec, backends=("onnx",))
-
-
-@settings(SETTINGS, max_examples=n_examples(1 / 4))
-@given(cnn_specs())
-def test_cnn_torch_onnx_float32(spec):
-    check(spec, cnn=True, backends=("onnx",))
-
-
-# torch vs ONNX vs Keras: a Keras example costs ~10 torch + ONNX ones
-@settings(SETTINGS, max_examples=n_examples(1 / 4))
 @given(net_specs(kinds=ONNX_KINDS))
 @example((4, [("add", 0, 0, "tanh", 5), ("mul", 1, 0, "gelu", 5), ("layernorm", 2, 1, "relu", 4),
               ("softmix", 3, 2, "relu", 3), ("div", 4, 1, "relu", 3), ("max", 5, 0, "mish", 2)], 3, 7))
@@ -123,7 +136,7 @@ def test_mlp_three_backends_float32(spec):
     check(spec)
 
 
-@settings(SETTINGS, max_examples=n_examples(1 / 10))
+@settings(SETTINGS, max_examples=n_examples(1 / 4))
 @given(cnn_specs())
 @example((2, [("relu", "max3s2", "cat"), ("gelu", "max2", "add"), ("silu", "avg2", "none")], 2, 11))
 def test_cnn_three_backends_float32(spec):
@@ -172,3 +185,31 @@ def test_layernorm_width2_float32_keras_agrees():
 def test_layernorm_width2_float64_keras_agrees():
     net, bg, X, _, scale = _case(LN2_SPEC, False, torch.float64)
     assert np.abs(_keras(LN2_SPEC, net, bg, X, False) - _torch(net, bg, X)).max() / scale <= 1e-8
+
+
+# found by the three-backend property (200 examples, CI count): float32 ELU after a cancelling projection
+ELU_SPEC = (2, [("softmix", 0, 0, "hardswish", 2), ("add", 0, 0, "gelu", 3), ("add", 1, 2, "gelu", 5),
+                ("softmix", 3, 2, "hardswish", 2), ("act", 2, 1, "elu", 6)], 3, 300)
+_EXP_REASON = ("float32 Elu/Selu/Celu in the {} backend: the runtime's kernel computes exp(x) - 1 (absolute error "
+               "~6e-8 near 0, torch uses expm1) and the rescale rule takes Δy from it: 1.6e-4 of the output scale "
+               "from the float64 values where torch's float32 values are within 1.8e-5")
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_EXP_REASON.format("ONNX"))
+def test_elu_float32_onnx_agrees():
+    check(ELU_SPEC, backends=("onnx",), exp_tol=False)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_EXP_REASON.format("TF"))
+def test_elu_float32_keras_agrees():
+    check(ELU_SPEC, backends=("keras",), exp_tol=False)
+
+
+def test_elu_float32_torch_is_accurate_and_float64_backends_agree():
+    """torch's float32 values are within 2e-5 of its float64 ones; in float64 torch and Keras agree (onnxruntime
+    has no float64 Elu kernel)."""
+    net, bg, X, _, scale = _case(ELU_SPEC, False, torch.float32)
+    net64 = TorchNet(ELU_SPEC).double().eval()
+    exact = _torch(net64, bg.double(), X.double())
+    assert np.abs(_torch(net, bg, X) - exact).max() / scale <= 2e-5
+    check(ELU_SPEC, dtype=torch.float64, backends=("keras",))
