@@ -15,6 +15,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import harness
 
 TINY = str(Path(__file__).with_name("bench_tiny_models.py"))
+RUNNERS = str(Path(__file__).with_name("bench_runners.py"))  # no torch import: fast child processes
 
 
 def test_measure_and_completeness_error():
@@ -36,14 +37,14 @@ def test_measure_and_completeness_error():
 
 
 def test_isolated_failures_are_reported_not_raised():
-    ok = harness.run_isolated(f"{TINY}:ok_runner", {"x": 2}, timeout_s=60, base={"method": "m"})
+    ok = harness.run_isolated(f"{RUNNERS}:ok_runner", {"x": 2}, timeout_s=60, base={"method": "m"})
     assert ok[0]["status"] == "ok" and ok[0]["value"] == 999000 and ok[0]["method"] == "m"
     assert ok[0]["rss_peak_mb"] > 0 and ok[0]["rss_extra_mb"] >= 0
-    err = harness.run_isolated(f"{TINY}:raiser", {}, timeout_s=60)
+    err = harness.run_isolated(f"{RUNNERS}:raiser", {}, timeout_s=60)
     assert err[0]["status"] == "error" and "boom from the runner" in err[0]["error"]
-    slow = harness.run_isolated(f"{TINY}:sleeper", {"seconds": 60}, timeout_s=1.5)
+    slow = harness.run_isolated(f"{RUNNERS}:sleeper", {"seconds": 60}, timeout_s=1.5)
     assert slow[0]["status"] == "timeout" and slow[0]["wall_s"] < 30
-    hog = harness.run_isolated(f"{TINY}:hog", {"mb": 600}, timeout_s=60, mem_limit_mb=300)
+    hog = harness.run_isolated(f"{RUNNERS}:hog", {"mb": 600}, timeout_s=60, mem_limit_mb=300)
     assert hog[0]["status"] == "OOM" and hog[0]["wall_s"] < 30
 
 
