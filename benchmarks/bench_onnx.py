@@ -264,7 +264,7 @@ def main():
                     results = json.load(f)["results"]
                 for r in results:
                     rows.setdefault(r["model"], {}).update({k: v for k, v in r.items() if not (
-                        isinstance(v, dict) and "error" in v)})
+                        isinstance(v, dict) and "error" in v and not v.get("mem_capped"))})
         print(table([rows[m] for m in MODELS if m in rows], a))
         return None
     import numpy as np
@@ -306,17 +306,26 @@ def table(results, a) -> str:
         return min(v[key]) if a.stat == "min" else statistics.median(v[key])
 
     lines = [("| model | floor (s) | shap torch (s) | ours torch (s) | onnx one-shot (s) | onnx / floor | "
-              "onnx / ours torch | speed-up vs shap | file (MiB) | onnx peak RSS (MiB) | floor peak RSS (MiB) | "
+              "onnx / ours torch | speed-up vs shap | file (MiB) | onnx peak RSS (MiB) | onnx peak after load "
+              "(MiB) | floor peak RSS (MiB) | ours torch peak RSS (MiB) | shap peak RSS (MiB) | "
               "onnx session init (s) |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda v, p=2: "—" if v is None else f"{v:.{p}f}"
+
+    def peak(r, k):
+        v = r.get(k, {})
+        if isinstance(v, dict) and v.get("mem_capped"):
+            return f"killed at the {getattr(a, 'mem_cap_mb', 0) or '?'} MiB cap"
+        return f(v.get("peak_rss_mb") if isinstance(v, dict) else None, 0)
+
     for r in results:
         fl, sh, ot, on = (lat(r, k) for k in ("floor", "shap", "ours_torch", "onnx"))
         ratio = lambda u, v: None if (u is None or v is None) else u / v
         lines.append(f"| {r['model']} | {f(fl)} | {f(sh)} | {f(ot)} | {f(on)} | {f(ratio(on, fl))} | "
                      f"{f(ratio(on, ot))} | {f(ratio(sh, on), 1)}× | {f(r.get('export', {}).get('file_mb'), 1)} | "
-                     f"{f(r.get('onnx', {}).get('peak_rss_mb'), 0)} | {f(r.get('floor', {}).get('peak_rss_mb'), 0)} | "
-                     f"{f(r.get('onnx', {}).get('init_s'))} |")
+                     f"{f(r.get('onnx', {}).get('peak_rss_mb'), 0)} | {f(r.get('onnx', {}).get('init_peak_rss_mb'), 0)} | "
+                     f"{f(r.get('floor', {}).get('peak_rss_mb'), 0)} | {f(r.get('ours_torch', {}).get('peak_rss_mb'), 0)} | "
+                     f"{peak(r, 'shap')} | {f(r.get('onnx', {}).get('init_s'))} |")
     return "\n".join(lines)
 
 
