@@ -78,11 +78,23 @@ def _relu_times(g, x, r_in):
     return _rescale_times(g, x, torch.relu(x), (x > 0).to(g.dtype), r_in, torch.relu(r_in))
 
 
+#: activations whose f(r) the rule kernel recomputes itself from r (fused: inside its one pass over the
+#: n·M rows, no (M, ...) temporary per site and chunk)
+IN_KERNEL_ACTIVATION = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "silu": torch.nn.functional.silu}
+
+
+def _activation_times(f):
+    def kernel(g, x, y, dfx, r_in):
+        return _rescale_times(g, x, y, dfx, r_in, f(r_in))
+    return kernel
+
+
 class RuleKernels:
     """The element-wise rule kernels, eager or fused by ``torch.compile`` (one pass over the n·M rows
     instead of ~8; the first compile takes a minute, later processes reuse inductor's on-disk cache)."""
 
-    EAGER = {"rescale_times": _rescale_times, "relu_times": _relu_times}
+    EAGER = {"rescale_times": _rescale_times, "relu_times": _relu_times,
+             **{f"{op}_times": _activation_times(f) for op, f in IN_KERNEL_ACTIVATION.items()}}
     FUSED: dict = {}
 
     @classmethod
@@ -224,19 +236,44 @@ class Rescale(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, fn, site, op = inputs
         # clone: the model may modify x in place after this op (ReLU(inplace=True), ``out += ...``)
-        ctx.x, ctx.site, ctx.op, ctx.fn = x.detach().clone(), site, op, fn
-        if op != "relu":
-            ctx.y, ctx.dfx = output.detach().clone(), derivative(fn, x, op)
+        Rescale._save(ctx, x.detach().clone(), output, fn, site, op)
 
     @staticmethod
-    def backward(ctx, g):
+    def _save(ctx, x, y, fn, site, op):
+        ctx.x, ctx.site, ctx.op, ctx.fn = x, site, op, fn
+        if op != "relu":
+            ctx.y, ctx.dfx = y.detach().clone(), derivative(fn, x, op)
+
+    @staticmethod
+    def backward(ctx, g, *_):
         (r_in,) = ctx.site.refs()
         fuse = ctx.site.state.fuse
         if ctx.op == "relu":
             grad = Kernel.apply("relu_times", fuse, g, ctx.x, r_in)
+        elif ctx.op in IN_KERNEL_ACTIVATION:
+            grad = Kernel.apply(f"{ctx.op}_times", fuse, g, ctx.x, ctx.y, ctx.dfx, r_in)
         else:
             grad = Kernel.apply("rescale_times", fuse, g, ctx.x, ctx.y, ctx.dfx, r_in, ctx.fn(r_in))
         return grad, None, None, None
+
+
+class RescaleInPlace(Rescale):
+    """:class:`Rescale` of an in-place call (``ReLU(inplace=True)``, ``x.relu_()``): x is overwritten with
+    f(x) and marked dirty, so autograd puts the rule's backward on x's own history. (An out-of-place rule
+    followed by ``x.copy_(y)`` would add a zero-filled gradient for the overwritten x and a sum over the
+    n·M rows at every in-place site.) The second output is x's value before the call, for the rule."""
+
+    @staticmethod
+    def forward(x, fn, site, op=None):
+        before = x.clone()
+        return x.copy_(fn(before)), before
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, fn, site, op = inputs
+        ctx.mark_dirty(x)
+        ctx.mark_non_differentiable(output[1])
+        Rescale._save(ctx, output[1].detach(), output[0], fn, site, op)
 
 
 class MaxPool(torch.autograd.Function):

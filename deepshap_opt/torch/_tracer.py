@@ -161,8 +161,8 @@ class RuleMode(TorchFunctionMode):
         if handler is None:
             if name in T.LINEAR:
                 handler = RuleMode._linear
-            elif name in T.RESCALE:
-                handler = RuleMode._rescale
+            elif name in T.RESCALE or (name.endswith("_") and not name.endswith("__") and name[:-1] in T.RESCALE):
+                handler = RuleMode._rescale   # x.sigmoid_(), torch.relu_(x): in place, the same rule
             else:
                 raise UnsupportedOperatorError(_display(func), self.where())
         return handler(self, func, name, args, kwargs)
@@ -198,7 +198,8 @@ class RuleMode(TorchFunctionMode):
             def fn(t, f=f, fargs=fargs, fkwargs=fkwargs, key=key):
                 return f(*fargs, **{**fkwargs, key: t})
         closed = self._PARAMETER_FREE.get(name) if len(fargs) + len(fkwargs) - ("inplace" in fkwargs) == 1 else None
-        return self._apply_rescale(x, fn, canon or T.RESCALE.get(name, name), inplace, target=args[0], closed=closed)
+        canon = canon or T.RESCALE.get(name) or T.RESCALE.get(name[:-1], name)
+        return self._apply_rescale(x, fn, canon, inplace, target=args[0], closed=closed)
 
     def _apply_rescale(self, x, fn, op, inplace=False, target=None, closed=None):
         if self.phase == "reference":
@@ -206,6 +207,10 @@ class RuleMode(TorchFunctionMode):
             self.site("rescale", (x,), op)
         else:
             site = self.site("rescale", (x,), op)
+            # the rule itself writes x: no copy_ on the tape (autograd allows a view written in place
+            # by a Function only when that Function returns one tensor: views keep the copy_)
+            if inplace and target is x and not x._is_view():
+                return self.mark(R.RescaleInPlace.apply(x, fn, site, closed)[0])
             # no clone for in-place ops: Rescale keeps its own copies of the values it needs, so the
             # copy_ below may overwrite x (a clone here would add a copy over n·M rows to the backward)
             y = R.Rescale.apply(x, fn, site, closed)

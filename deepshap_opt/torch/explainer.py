@@ -322,15 +322,21 @@ class DeepExplainer(ExplainerBase):
 
     # ---- explanation ----------------------------------------------------------------------------------
     def _chunks(self, n: int, k: int, M: int) -> tuple[int, int]:
-        """(explicands per chunk, references per chunk) so that n·k·M rows fit batch_size."""
+        """(explicands per chunk, references per chunk) so that n·k·M rows fit batch_size.
+
+        Explicands first: each explicand chunk is one forward pass (a forward of a few rows costs about
+        as much as of one, in tracing and per-op overhead), and its references are taken in near-equal
+        slices so that every backward runs about the same number of rows.
+        """
         rows = self.batch_size
         if rows is None:   # a backward row holds a few temporaries the size of the largest site
             rows = max(1, self.memory_budget // (6 * self._cache.largest_site_nbytes()))
         if self._single_rows:
             return 1, max(1, min(M, rows // k))
-        if rows >= k * M:
-            return max(1, min(n, rows // (k * M))), M
-        return 1, max(1, rows // k)
+        n_chunk = max(1, min(n, rows // k))
+        m_max = max(1, min(M, rows // (k * n_chunk)))
+        passes = -(-M // m_max)
+        return n_chunk, -(-M // passes)
 
     def _explain(self, X, select: Callable[[np.ndarray], np.ndarray]):
         with _LOCK:   # the cache check, a rebuild and the explanation happen as one step
