@@ -213,3 +213,22 @@ def test_elu_float32_torch_is_accurate_and_float64_backends_agree():
     exact = _torch(net64, bg.double(), X.double())
     assert np.abs(_torch(net, bg, X) - exact).max() / scale <= 2e-5
     check(ELU_SPEC, dtype=torch.float64, backends=("keras",))
+
+
+# found by the fuzzer (torch vs ONNX float64, DEEPSHAP_FUZZ_EXAMPLES=5000, 500 examples): a LayerNorm over 2
+# features feeding a second LayerNorm. A width-2 LayerNorm's outputs are ±γ + β up to eps/var, so the second
+# one's input differs between rows by ~1e-6 while the Δ upstream is O(1).
+LN_STACK_SPEC = (2, [("layernorm", 0, 0, "relu", 2), ("layernorm", 1, 1, "relu", 2)], 1, 53)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="ONNX backend, float64: completeness error 3.0e-5 of the output scale and 2.8e-5 from the "
+                   "torch values (torch and Keras: 1e-10; the ONNX forward equals torch's to 1e-11, so the "
+                   "explanation graph's LayerNormalization rule loses the precision); float32: 2.9e-5 from the "
+                   "float64 values where torch and Keras are within 1.5e-8")
+def test_stacked_layernorm_float64_onnx_is_complete():
+    check(LN_STACK_SPEC, dtype=torch.float64, backends=("onnx",))
+
+
+def test_stacked_layernorm_float64_torch_and_keras_agree():
+    check(LN_STACK_SPEC, dtype=torch.float64, backends=("keras",))
