@@ -12,6 +12,7 @@ alone. Methods:
 Usage:
   python benchmarks/bench_tf.py                                  # the full run (four models, top-1)
   python benchmarks/bench_tf.py --models MobileNetV2 --size 96 --n 2 --m 8 --outputs all --classes 10
+  python benchmarks/bench_tf.py --models VGG19 --methods shap --threads 1 --rss-cap-mb 14000
 Writes a Markdown table to stdout and (with --json) the raw results.
 """
 
@@ -37,6 +38,9 @@ def _child(args):
     import numpy as np
     import tensorflow as tf
 
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     keras.utils.set_random_seed(0)
     model = getattr(keras.applications, args.model)(weights=None, input_shape=(args.size, args.size, 3),
                                                     classes=args.classes)
@@ -45,7 +49,8 @@ def _child(args):
     X = rng.uniform(0, 1, size=(args.n, args.size, args.size, 3)).astype("float32")
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ranked = 1 if args.outputs == "top1" else None
-    res = {"model": args.model, "method": args.method, "outputs": args.outputs, "rss_before_mb": rss0}
+    res = {"model": args.model, "method": args.method, "outputs": args.outputs, "rss_before_mb": rss0,
+           "threads": args.threads or "default"}
     try:
         if args.method == "ours":
             from deepshap_opt.tf import DeepExplainer
@@ -54,7 +59,8 @@ def _child(args):
             e = DeepExplainer(model, bg, batch_size=args.batch_size or None)
             res["init_s"] = time.perf_counter() - t
             t = time.perf_counter()
-            e.shap_values(X, ranked_outputs=ranked, check_additivity=False)      # first call: traces both steps
+            # first call: traces both steps (top-1 traces the same functions as all outputs: per chunk shape)
+            e.shap_values(X, ranked_outputs=1, check_additivity=False)
             res["first_call_s"] = time.perf_counter() - t
             t, c = time.perf_counter(), time.process_time()
             out = e.shap_values(X, ranked_outputs=ranked, check_additivity=True)
@@ -103,17 +109,47 @@ def _child(args):
     print("RESULT " + json.dumps(res), flush=True)
 
 
-def _run_case(base, model, method, outputs, timeout):
-    cmd = [sys.executable, __file__, "--child", "--model", model, "--method", method, "--outputs", outputs] + base
+def _proc_rss_cpu(pid):
+    """(resident MB, CPU seconds) of a running process from /proc (Linux), or (None, None)."""
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return {"model": model, "method": method, "outputs": outputs, "error": f"timeout after {timeout}s"}
-    for line in p.stdout.splitlines():
+        with open(f"/proc/{pid}/status") as fh:
+            rss = next(int(ln.split()[1]) / 1024 for ln in fh if ln.startswith("VmRSS:"))
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return rss, (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None, None
+
+
+def _run_case(base, model, method, outputs, timeout, rss_cap_mb=0):
+    """One case in a fresh subprocess; with rss_cap_mb, the child is killed when its resident memory passes
+    the cap (polled every 0.2 s) and the result says so ("> cap"), with the time and CPU time it had run."""
+    cmd = [sys.executable, __file__, "--child", "--model", model, "--method", method, "--outputs", outputs] + base
+    head = {"model": model, "method": method, "outputs": outputs}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0, peak, cpu = time.monotonic(), 0.0, None
+    while True:
+        try:
+            out, err = p.communicate(timeout=0.2)
+            break
+        except subprocess.TimeoutExpired:
+            rss, c = _proc_rss_cpu(p.pid)
+            if rss is not None:
+                peak, cpu = max(peak, rss), c
+            elapsed = time.monotonic() - t0
+            if rss_cap_mb and rss is not None and rss > rss_cap_mb:
+                p.kill()
+                p.communicate()
+                return {**head, "error": f"> cap: RSS passed {rss_cap_mb} MB (killed)", "killed_rss_mb": rss,
+                        "killed_after_s": elapsed, "killed_cpu_s": c, "rss_cap_mb": rss_cap_mb}
+            if elapsed > timeout:
+                p.kill()
+                p.communicate()
+                return {**head, "error": f"timeout after {timeout}s", "max_rss_seen_mb": peak, "cpu_s": cpu}
+    for line in out.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    return {"model": model, "method": method, "outputs": outputs,
-            "error": f"exit {p.returncode}: {p.stderr.strip().splitlines()[-1][:160] if p.stderr.strip() else ''}"}
+    return {**head, "error": f"exit {p.returncode}: {err.strip().splitlines()[-1][:160] if err.strip() else ''}"}
 
 
 def _table(results, args):
@@ -137,9 +173,14 @@ def _table(results, args):
                 return f"{a[key] / b[key]:.2f}" if key in a and key in b else "-"
 
             def mem(r):
+                if "rss_cap_mb" in r:
+                    return f"> {r['rss_cap_mb']} (killed)"
                 return f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r and "error" not in r else "-"
 
-            mr = f"{o['peak_rss_mb'] / s['peak_rss_mb']:.2f}" if mem(o) != "-" and mem(s) != "-" else "-"
+            if mem(o) != "-" and "rss_cap_mb" in s:
+                mr = f"< {o['peak_rss_mb'] / s['rss_cap_mb']:.2f}"
+            else:
+                mr = f"{o['peak_rss_mb'] / s['peak_rss_mb']:.2f}" if mem(o) != "-" and mem(s) != "-" else "-"
             lines.append(f"| {model} | {outputs} | {t(f)} | {t(o)} | {ratio(o, f)} | {t(s)} | {ratio(s, o)} | "
                          f"{mem(o)} | {mem(s)} | {mr} |")
     return "\n".join(lines)
@@ -158,6 +199,9 @@ def main(argv=None):
     ap.add_argument("--outputs", default="top1", help="top1, all, or top1,all")
     ap.add_argument("--methods", default="floor,ours,shap")
     ap.add_argument("--timeout", type=int, default=3600)
+    ap.add_argument("--threads", type=int, default=0, help="TensorFlow intra- and inter-op threads (0: its default)")
+    ap.add_argument("--rss-cap-mb", type=int, default=0,
+                    help="kill a case whose resident memory passes this many MB and report it as '> cap' (0: none)")
     ap.add_argument("--json", default=None, help="also write the raw results here")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
@@ -167,12 +211,12 @@ def main(argv=None):
         return _child(args)
     args.outputs_list = args.outputs.split(",")
     base = ["--size", str(args.size), "--n", str(args.n), "--m", str(args.m), "--classes", str(args.classes),
-            "--batch-size", str(args.batch_size)]
+            "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
     results = []
     for model in args.models:
         for outputs in args.outputs_list:
             for method in args.methods.split(","):
-                r = _run_case(base, model, method, outputs, args.timeout)
+                r = _run_case(base, model, method, outputs, args.timeout, args.rss_cap_mb)
                 print(json.dumps(r), file=sys.stderr, flush=True)
                 results.append(r)
     if args.json:
