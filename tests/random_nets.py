@@ -8,7 +8,7 @@ the same network in Keras 3 with the same weights.
 
 ``SETTINGS`` is the one hypothesis settings object of the property tests: ``DEEPSHAP_FUZZ_EXAMPLES``
 examples (200 by default, 5000 under ``tox -e fuzz``), no deadline, derandomized (the same examples on
-every run, so CI is reproducible).
+every run, so CI is reproducible) unless ``DEEPSHAP_FUZZ_RANDOM=1``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ POOLS = ["none", "max2", "max3s2", "avg2"]
 JOINS = ["none", "add", "cat"]
 
 EXAMPLES = int(os.environ.get("DEEPSHAP_FUZZ_EXAMPLES", "200"))
-SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, print_blob=True,
+# DEEPSHAP_FUZZ_RANDOM=1: fresh random examples on every run (a failure prints its reproduction blob), so that
+# a long fuzz run can be split over several processes, or repeated, without replaying the same examples
+RANDOM = os.environ.get("DEEPSHAP_FUZZ_RANDOM", "") not in ("", "0")
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=not RANDOM, database=None, print_blob=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
