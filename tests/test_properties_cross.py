@@ -104,7 +104,10 @@ def _keras(spec, net, bg, X, cnn):
 
 
 def _acts(spec, cnn):
-    return {blk[0] for blk in spec[1]} if cnn else {node[3] for node in spec[1]}
+    """The activations the network applies (an MLP node's act is used by the act/add/cat/max kinds only)."""
+    if cnn:
+        return {blk[0] for blk in spec[1]}
+    return {node[3] for node in spec[1] if node[0] in ("act", "add", "cat", "max")}
 
 
 def check(spec, cnn=False, dtype=torch.float32, backends=("onnx", "keras"), exp_tol=True):
