@@ -7,6 +7,11 @@ process's own CPU time (one thread, so no spin-waiting) is close to what it woul
     python benchmarks/bench_torch_cpu.py --kernels default --outputs top1 all     # the issue's two cases
 
 The floor for ``all`` outputs is one forward of N plus K input-gradient backwards over the N·M rows.
+
+``--malloc tuned`` re-runs the script with glibc's allocator told to keep freed memory
+(``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``, see docs/benchmarks.md): on this VM a page fault costs
+~2 µs, and by default glibc returns every freed tensor over 32 MB to the system, so each new one faults again.
+Floor and ours always run in the same process, under the same setting.
 """
 
 from __future__ import annotations
@@ -16,6 +21,10 @@ import json
 import os
 import sys
 import time
+
+#: glibc settings of ``--malloc tuned``: serve and keep every allocation in the heap (no mmap per tensor,
+#: no trimming of freed memory back to the system)
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 import torch
 
@@ -77,9 +86,15 @@ def main(argv=None):
     ap.add_argument("--outputs", nargs="+", default=["top1"], choices=["top1", "all"])
     ap.add_argument("--num-classes", type=int, default=10)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--malloc", choices=["default", "tuned"], default="default",
+                    help="glibc allocator setting for the whole run (floor and ours alike)")
     args = ap.parse_args(argv)
+    if args.malloc == "tuned" and any(os.environ.get(k) != v for k, v in TUNED_MALLOC.items()):
+        # glibc reads these once, at start-up: run again with them set
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **TUNED_MALLOC})
     torch.set_num_threads(1)
     rows = []
+    print(f"malloc: {args.malloc}")
     print("| model | outputs | floor CPU s | " + " | ".join(f"ours {k} CPU s (/ floor)" for k in args.kernels) + " |")
     for name in args.models:
         torch.manual_seed(0)
