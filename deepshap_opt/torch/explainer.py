@@ -62,6 +62,11 @@ class ReferenceCache:
         at its peak, give or take a few temporaries)."""
         return max((sum(t[0].numel() * t.element_size() for t in ts) for _, _, ts in self.sites), default=1)
 
+    def row_nbytes(self) -> int:
+        """Bytes of all rule sites' activations for one reference: about what one explicand's forward
+        keeps for the rules (its x, and f(x) and f'(x) where the rule needs them) is a small multiple."""
+        return sum(t[0].numel() * t.element_size() for _, _, ts in self.sites for t in ts)
+
     def largest_site_numel(self) -> int:
         """Elements of the largest rule-site activation of one reference."""
         return max((t[0].numel() for _, _, ts in self.sites for t in ts), default=0)
@@ -328,12 +333,14 @@ class DeepExplainer(ExplainerBase):
         as much as of one, in tracing and per-op overhead), and its references are taken in near-equal
         slices so that every backward runs about the same number of rows.
         """
-        rows = self.batch_size
+        rows, n_max = self.batch_size, n
         if rows is None:   # a backward row holds a few temporaries the size of the largest site
             rows = max(1, self.memory_budget // (6 * self._cache.largest_site_nbytes()))
+            # an explicand's forward keeps up to three tensors per rule site: half the budget at most
+            n_max = max(1, self.memory_budget // (6 * max(1, self._cache.row_nbytes())))
         if self._single_rows:
             return 1, max(1, min(M, rows // k))
-        n_chunk = max(1, min(n, rows // k))
+        n_chunk = max(1, min(n, n_max, rows // k))
         m_max = max(1, min(M, rows // (k * n_chunk)))
         passes = -(-M // m_max)
         return n_chunk, -(-M // passes)

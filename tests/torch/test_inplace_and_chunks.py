@@ -79,3 +79,16 @@ def test_chunks_take_all_explicands_per_forward_when_they_fit(batch_size, n, k, 
     n_chunk, m_chunk = e._chunks(n, k, M)
     assert (n_chunk, m_chunk) == expected
     assert n_chunk * k * m_chunk <= max(batch_size, k)
+
+
+def test_explicands_per_forward_are_bounded_by_what_their_forward_keeps():
+    # five ReLU sites of 1000 floats: one explicand's forward keeps ~5 x 4000 bytes for the rules, the
+    # largest site is 4000 bytes; a budget of 240,000 bytes gives 10 backward rows and 2 explicands
+    layers = [nn.Linear(2, 1000)] + [m for _ in range(4) for m in (nn.ReLU(), nn.Linear(1000, 1000))]
+    model = nn.Sequential(*layers, nn.ReLU(), nn.Linear(1000, 1))
+    bg, X = torch.randn(16, 2), torch.randn(8, 2)
+    e = DeepExplainer(model, bg, memory_budget=240_000)
+    assert e._cache.row_nbytes() == 5 * 4000
+    assert e._chunks(8, 1, 16) == (2, 4)
+    one_chunk = DeepExplainer(model, bg, batch_size=10_000)
+    np.testing.assert_allclose(e.shap_values(X), one_chunk.shap_values(X), rtol=1e-5, atol=1e-6)
