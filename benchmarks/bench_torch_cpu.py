@@ -22,16 +22,16 @@ import os
 import sys
 import time
 
-#: glibc settings of ``--malloc tuned``: serve and keep every allocation in the heap (no mmap per tensor,
-#: no trimming of freed memory back to the system)
-TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
-
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from torch_models import MODELS, calibrate_batchnorm  # noqa: E402
 
 from deepshap_opt.torch import DeepExplainer  # noqa: E402
+
+#: glibc settings of ``--malloc tuned``: serve and keep every allocation in the heap (no mmap per tensor,
+#: no trimming of freed memory back to the system)
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 
 def cpu(f, repeats):
