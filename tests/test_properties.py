@@ -67,12 +67,9 @@ MAX_TIE_SPEC = (5, [("act", 0, 0, "relu", 4), ("layernorm", 0, 1, "relu", 2), ("
                     ("act", 0, 0, "relu", 2), ("max", 2, 2, "relu", 3)], 1, 193)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="rules/spec.py PAIR_EPS = 1e-7 (shap 0.51's value): the two-operand max rule's multiplier "
-                   "is 0 where |Δa| < 1e-7, in float64 too; the dropped share breaks completeness by 4.2e-6 of the "
-                   "output scale (with PAIR_EPS = 1e-14: 3e-13). The torch, ONNX and TF backends share the value "
-                   "and agree with each other to 2e-9 on this network")
 def test_max_pair_small_delta_float64_completeness():
+    """The max pair rule's multiplier was 0 where |Δa| < 1e-7 in float64 too (4.2e-6 of the output scale);
+    float64 now uses spec.PAIR_EPS_FLOAT64 = 1e-14."""
     assert completeness(MAX_TIE_SPEC, torch.float64) <= 1e-8
 
 

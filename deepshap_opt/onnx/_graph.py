@@ -921,7 +921,7 @@ class ExplanationBuilder:
         yrx = b.op(node.op_type, [ar, cx], **A)
         yxr = b.op(node.op_type, [ax, cr], **A)
         half = self.fc(0.5, y)
-        eps = self.fc(spec.PAIR_EPS, a)
+        eps = self.fc(spec.pair_eps(np.dtype(self.fdt(a)).itemsize), a)
         G4 = self.to4(G, p.rest[y])
         res = {}
         for t, d, num in ((a, b.sub(ax, ar), b.add(b.sub(yxx, yrx), b.sub(yxr, yrr))),

@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from .spec import MAXPOOL_EPS, PAIR_EPS, RESCALE_EPS
+from .spec import MAXPOOL_EPS, RESCALE_EPS, pair_eps
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
@@ -131,8 +131,11 @@ def maxpool_backward(x, r, g, kernel: int, stride: int | None = None, eps: float
         return np.where(np.abs(d) < eps, 0.0, routed / np.where(np.abs(d) < eps, 1.0, d))
 
 
-def shapley_pair_multipliers(g2, a_x, a_r, b_x, b_r, eps: float = PAIR_EPS):
-    """Two-player Shapley split for an element-wise z = g2(a, b): returns (m_a, m_b), broadcast shape."""
+def shapley_pair_multipliers(g2, a_x, a_r, b_x, b_r, eps: float | None = None):
+    """Two-player Shapley split for an element-wise z = g2(a, b): returns (m_a, m_b), broadcast shape.
+    ``eps`` defaults to the spec's threshold for the operands' dtype (:func:`..spec.pair_eps`)."""
+    if eps is None:
+        eps = pair_eps(np.result_type(a_x, b_x).itemsize)
     a_x, a_r, b_x, b_r = (np.asarray(v, np.float64) for v in (a_x, a_r, b_x, b_r))
     da, db = a_x - a_r, b_x - b_r
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -16,6 +16,14 @@ RESCALE_EPS = 1e-6
 #: |Δx| below which the max-pool and two-operand multipliers are 0 (shap 0.51's value).
 MAXPOOL_EPS = 1e-7
 PAIR_EPS = 1e-7
+#: the two-operand threshold in float64, whose rounding is 2^29 times finer: with 1e-7 the dropped shares
+#: break float64 completeness at ~1e-6 of the output scale (found by the property tests)
+PAIR_EPS_FLOAT64 = 1e-14
+
+
+def pair_eps(itemsize: int) -> float:
+    """The ShapleyPair threshold for a floating dtype of ``itemsize`` bytes (float64: PAIR_EPS_FLOAT64)."""
+    return PAIR_EPS_FLOAT64 if itemsize >= 8 else PAIR_EPS
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,8 @@ class MaxPool(Rule):
 class ShapleyPair(Rule):
     """Two varying operands z = g(a, b): the exact two-player Shapley split (Ancona et al. 2018; shap TF).
 
-    m_a = ½[(g(a_x,b_x) − g(a_r,b_x)) + (g(a_x,b_r) − g(a_r,b_r))] / Δa, symmetric for b; 0 where |Δ| < eps.
+    m_a = ½[(g(a_x,b_x) − g(a_r,b_x)) + (g(a_x,b_r) − g(a_r,b_r))] / Δa, symmetric for b; 0 where |Δ| < eps
+    (eps = PAIR_EPS, in float64 PAIR_EPS_FLOAT64: see :func:`pair_eps`).
     m_a·Δa + m_b·Δb = g(a_x,b_x) − g(a_r,b_r). Broadcast operands: sum the contribution over the
     broadcast axes.
     """

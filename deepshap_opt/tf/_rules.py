@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from ..rules.spec import MAXPOOL_EPS, PAIR_EPS, RESCALE_EPS
+from ..rules.spec import MAXPOOL_EPS, RESCALE_EPS, pair_eps
 
 
 def _safe_div(num, den, small):
@@ -73,8 +73,11 @@ def log_softmax_weights(z_x, z_r, eps: float = RESCALE_EPS):
     return tf.where(small, u, u * factor)
 
 
-def pair_multipliers(g2, a_x, a_r, b_x, b_r, eps: float = PAIR_EPS):
-    """(m_a, m_b) of spec.ShapleyPair for z = g2(a, b), in the broadcast output shape."""
+def pair_multipliers(g2, a_x, a_r, b_x, b_r, eps: float | None = None):
+    """(m_a, m_b) of spec.ShapleyPair for z = g2(a, b), in the broadcast output shape (``eps``: the spec's
+    threshold for the operands' dtype)."""
+    if eps is None:
+        eps = pair_eps(a_x.dtype.size)
     gxx, grr = g2(a_x, b_x), g2(a_r, b_r)
     gxr, grx = g2(a_x, b_r), g2(a_r, b_x)
     ca = 0.5 * ((gxx - grx) + (gxr - grr))

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ..rules.spec import MAXPOOL_EPS, PAIR_EPS, RESCALE_EPS
+from ..rules.spec import MAXPOOL_EPS, RESCALE_EPS, pair_eps
 
 
 class Site:
@@ -396,8 +396,9 @@ class ShapleyPair(_TwoOperand):
             ma, mb = 0.5 * (1 / b + 1 / b_r), -0.5 * (a + a_r) / (b * b_r)
             return sum_to(g * ma, a.shape), sum_to(g * mb, b.shape), None, None
         fxx, frr, frx, fxr = fn(a, b), fn(a_r, b_r), fn(a_r, b), fn(a, b_r)
-        ma = _safe_div(0.5 * ((fxx - frx) + (fxr - frr)), a - a_r, PAIR_EPS, 0.0)
-        mb = _safe_div(0.5 * ((fxx - fxr) + (frx - frr)), b - b_r, PAIR_EPS, 0.0)
+        eps = pair_eps(a.element_size())
+        ma = _safe_div(0.5 * ((fxx - frx) + (fxr - frr)), a - a_r, eps, 0.0)
+        mb = _safe_div(0.5 * ((fxx - fxr) + (frx - frr)), b - b_r, eps, 0.0)
         return sum_to(g * ma, a.shape), sum_to(g * mb, b.shape), None, None
 
 
