@@ -7,8 +7,8 @@ NumPy implementation of every rule that backends are tested against.
 from . import reference
 from .spec import (
     BILINEAR, ELEMENTWISE_OPS, LINEAR, LOG_SOFTMAX, MAXPOOL, MAXPOOL_EPS, NORMALIZATION, OPS, PAIR, PAIR_EPS,
-    PAIR_EPS_FLOAT64, RESCALE, RESCALE_EPS, SOFTMAX, Bilinear, Linear, LogSoftmax, MaxPool, Normalization, Rescale, Rule,
-    ShapleyPair, Softmax, pair_eps, rule_for,
+    PAIR_EPS_FLOAT64, RESCALE, RESCALE_EPS, SOFTMAX, Bilinear, Linear, LogSoftmax, MaxPool, Normalization,
+    Rescale, Rule, ShapleyPair, Softmax, pair_eps, rule_for,
 )
 
 __all__ = [
