@@ -123,7 +123,6 @@ def _dim(t, i):
     return int(d) if d is not None else tf.shape(t)[i]
 
 
-
 #: ops whose TF kernel computes exp(x) − 1 (absolute error ~6e-8 near 0 in float32, relative 0.2 at x = −1e-7):
 #: the rescale rule recomputes them with expm1, so that f(x) − f(r) of nearby inputs keeps its digits
 _SELU_ALPHA, _SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
@@ -131,6 +130,7 @@ _EXPM1_FORMS = {
     "Elu": lambda s: tf.where(s > 0, s, tf.math.expm1(s)),
     "Selu": lambda s: _SELU_SCALE * tf.where(s > 0, s, _SELU_ALPHA * tf.math.expm1(s)),
 }
+
 
 class _Pairs:
     """Reshaping between explicand (n, ...), reference (m, ...) and pair rows (n*m, ...) / (n, m, ...)."""

@@ -65,8 +65,13 @@ def _display(func) -> str:
 _INPLACE_DUNDER = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ipow__", "__imatmul__"}
 
 
+def _base_name(name: str) -> str:
+    """The out-of-place name of an in-place tensor method (``sigmoid_`` → ``sigmoid``); other names as they are."""
+    return name[:-1] if name.endswith("_") and not name.endswith("__") else name
+
+
 def _is_inplace(name: str, kwargs: dict) -> bool:
-    return (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDER or bool(kwargs.get("inplace"))
+    return _base_name(name) != name or name in _INPLACE_DUNDER or bool(kwargs.get("inplace"))
 
 
 def _out_of_place(func, name: str, args: tuple, kwargs: dict):
@@ -77,8 +82,8 @@ def _out_of_place(func, name: str, args: tuple, kwargs: dict):
         return func, args, kwargs
     if name in _INPLACE_DUNDER:
         return getattr(torch.Tensor, "__" + name[3:]), args, kwargs
-    if name.endswith("_") and not name.endswith("__"):
-        base = name[:-1]
+    base = _base_name(name)
+    if base != name:
         twin = getattr(torch.Tensor, base, None) or getattr(torch, base, None) or getattr(F, base)
         return twin, args, kwargs
     try:  # F.relu(x, True): inplace passed positionally
@@ -161,7 +166,7 @@ class RuleMode(TorchFunctionMode):
         if handler is None:
             if name in T.LINEAR:
                 handler = RuleMode._linear
-            elif name in T.RESCALE or (name.endswith("_") and not name.endswith("__") and name[:-1] in T.RESCALE):
+            elif _base_name(name) in T.RESCALE:
                 handler = RuleMode._rescale   # x.sigmoid_(), torch.relu_(x): in place, the same rule
             else:
                 raise UnsupportedOperatorError(_display(func), self.where())
@@ -198,7 +203,7 @@ class RuleMode(TorchFunctionMode):
             def fn(t, f=f, fargs=fargs, fkwargs=fkwargs, key=key):
                 return f(*fargs, **{**fkwargs, key: t})
         closed = self._PARAMETER_FREE.get(name) if len(fargs) + len(fkwargs) - ("inplace" in fkwargs) == 1 else None
-        canon = canon or T.RESCALE.get(name) or T.RESCALE.get(name[:-1], name)
+        canon = canon or T.RESCALE.get(_base_name(name), name)
         return self._apply_rescale(x, fn, canon, inplace, target=args[0], closed=closed)
 
     def _apply_rescale(self, x, fn, op, inplace=False, target=None, closed=None):
