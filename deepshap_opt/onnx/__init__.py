@@ -56,8 +56,11 @@ def export(model, background, path, *, outputs="top1", opset=None, cache="auto",
     opset: the file's opset (default: the model's, at least 17).
     cache: ``"embed"`` (the references' activations at every rule site are stored in the file),
         ``"recompute"`` (only the background is stored; a copy of the forward graph recomputes the
-        activations from it, which onnxruntime folds into constants when the session is created) or ``"auto"``
-        (embed while that adds at most 64 MB or half the weights' size, else recompute).
+        activations from it, which onnxruntime folds into constants when the session is created),
+        ``"runtime"`` (the same copy, made to depend on the run's batch size so that no runtime can fold it:
+        it runs in every call, and the session holds only the weights and the background) or ``"auto"``
+        (embed while that adds at most 64 MB or half the weights' size, else recompute while the activations
+        are at most 3 GiB, else runtime).
     output_name: which graph output to explain (default: the first).
     memory_budget: bytes that one run of the explanation may hold (default 1 GiB; estimated as 16 × the
         largest activation per (explicand, output, reference) row). The explanation is written inside an ONNX

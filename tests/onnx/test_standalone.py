@@ -134,7 +134,7 @@ def test_reference_evaluator_agrees(exported):
     assert err <= 1e-4 * sc
 
 
-@pytest.mark.parametrize("cache", ["embed", "recompute"])
+@pytest.mark.parametrize("cache", ["embed", "recompute", "runtime"])
 def test_cache_modes_agree(exported, cache):
     model, bg, X, path, _d = exported
     base = run(onnx.load(path), {"input": X.numpy()})
@@ -144,6 +144,71 @@ def test_cache_modes_agree(exported, cache):
     out = run(proto, {"input": X.numpy()})
     np.testing.assert_allclose(out["shap_values"], base["shap_values"], atol=1e-6)
     np.testing.assert_allclose(expected_value(proto), expected_value(onnx.load(path)), atol=1e-6)
+
+
+def _optimized_initializer_bytes(proto, d, name) -> int:
+    """Bytes of the initializers of the model onnxruntime holds after loading ``proto`` (its optimized graph,
+    constant folding included, written out by ``optimized_model_filepath``)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.optimized_model_filepath = str(d / name)
+    ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    opt = onnx.load(str(d / name))
+    return sum(onnx.numpy_helper.to_array(t).nbytes for t in opt.graph.initializer)
+
+
+def test_runtime_cache_is_not_folded(exported):
+    """cache="runtime": onnxruntime's optimized graph holds the weights and the background, not the references'
+    activations (which "recompute" folds into constants at load), and the values are the same."""
+    model, bg, X, _path, d = exported
+    protos = {c: dso.build(model, bg, outputs="topk:2", cache=c) for c in ("embed", "recompute", "runtime")}
+    nbytes = {c: _optimized_initializer_bytes(pr, d, f"opt_{c}.onnx") for c, pr in protos.items()}
+    weights = sum(p.numel() * 4 for p in model.parameters()) + sum(b.numel() * 4 for b in model.buffers())
+    cache = _cache_bytes_of(model, bg)
+    assert cache > 2 * (weights + bg.numel() * 4)               # the cache dominates: the test can tell them apart
+    assert nbytes["recompute"] >= cache and nbytes["embed"] >= cache
+    assert nbytes["runtime"] < weights * 3 + bg.numel() * 4 + 4096 < cache
+    ref = run(protos["embed"], {"input": X.numpy()})
+    for c in ("recompute", "runtime"):
+        out = run(protos[c], {"input": X.numpy()})
+        np.testing.assert_allclose(out["shap_values"], ref["shap_values"], atol=1e-6)
+        np.testing.assert_array_equal(out["shap_indexes"], ref["shap_indexes"])
+    # N = 0 and another N run through the same file
+    out0 = run(protos["runtime"], {"input": X.numpy()[:0]})
+    assert out0["shap_values"].shape == (0, 3, 16, 16, 2)
+    out1 = run(protos["runtime"], {"input": X.numpy()[1:2]})
+    np.testing.assert_allclose(out1["shap_values"], ref["shap_values"][1:2], atol=1e-6)
+
+
+def _cache_bytes_of(model, bg) -> int:
+    from deepshap_opt.onnx._convert import load_model
+    from deepshap_opt.onnx._graph import ExplanationBuilder, prepare_model
+
+    b = ExplanationBuilder(prepare_model(load_model(model, [bg.numpy()], None), None), [bg.numpy()],
+                           outputs="topk:2", cache="runtime")
+    proto = b.build()
+    assert {p.key: p.value for p in proto.metadata_props}["deepshap_opt.cache"] == "runtime"
+    return b._cache_bytes()
+
+
+def test_auto_cache_rule(monkeypatch, exported):
+    """auto: embed while small, fold ("recompute") while at most FOLD_MAX_BYTES, else "runtime"."""
+    from deepshap_opt.onnx import _graph
+
+    model, bg, _X, _path, _d = exported
+    def meta(pr):
+        return {p.key: p.value for p in pr.metadata_props}["deepshap_opt.cache"]
+
+    assert meta(dso.build(model, bg, cache="auto")) == "embed"
+    monkeypatch.setattr(_graph, "EMBED_MAX_BYTES", 0)
+    monkeypatch.setattr(_graph, "EMBED_MAX_FRACTION", 0.0)
+    assert meta(dso.build(model, bg, cache="auto")) == "recompute"
+    monkeypatch.setattr(_graph, "FOLD_MAX_BYTES", 0)
+    assert meta(dso.build(model, bg, cache="auto")) == "runtime"
+    with pytest.raises(ValueError, match="cache must be"):
+        dso.build(model, bg, cache="fold")
 
 
 def test_deep_explainer_drop_in(exported):
