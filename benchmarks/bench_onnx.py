@@ -74,7 +74,12 @@ def case_export(args):
     kw = {} if args.onnx_budget_mb < 0 else {"memory_budget": int(args.onnx_budget_mb * 2**20) or None}
     t0 = time.perf_counter()
     dso.export(model, bg, args.file, outputs="top1", check=False, **kw)
-    return {"export_s": time.perf_counter() - t0, "file_mb": os.path.getsize(args.file) / 2**20}
+    export_s = time.perf_counter() - t0
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(args.file, load_external_data=False).metadata_props}
+    return {"export_s": export_s, "file_mb": os.path.getsize(args.file) / 2**20,
+            "cache": meta.get("deepshap_opt.cache")}
 
 
 def case_floor(args):
@@ -308,9 +313,13 @@ def table(results, a) -> str:
     lines = [("| model | floor (s) | shap torch (s) | ours torch (s) | onnx one-shot (s) | onnx / floor | "
               "onnx / ours torch | speed-up vs shap | file (MiB) | onnx peak RSS (MiB) | onnx peak after load "
               "(MiB) | floor peak RSS (MiB) | ours torch peak RSS (MiB) | shap peak RSS (MiB) | "
-              "onnx session init (s) |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    f = lambda v, p=2: "—" if v is None else f"{v:.{p}f}"
+              "onnx session init (s) | cache |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def f(v, p=2):
+        return "—" if v is None else f"{v:.{p}f}"
+
+    def ratio(u, v):
+        return None if (u is None or v is None) else u / v
 
     def peak(r, k):
         v = r.get(k, {})
@@ -320,12 +329,13 @@ def table(results, a) -> str:
 
     for r in results:
         fl, sh, ot, on = (lat(r, k) for k in ("floor", "shap", "ours_torch", "onnx"))
-        ratio = lambda u, v: None if (u is None or v is None) else u / v
+        onx = r.get("onnx", {})
         lines.append(f"| {r['model']} | {f(fl)} | {f(sh)} | {f(ot)} | {f(on)} | {f(ratio(on, fl))} | "
                      f"{f(ratio(on, ot))} | {f(ratio(sh, on), 1)}× | {f(r.get('export', {}).get('file_mb'), 1)} | "
-                     f"{f(r.get('onnx', {}).get('peak_rss_mb'), 0)} | {f(r.get('onnx', {}).get('init_peak_rss_mb'), 0)} | "
-                     f"{f(r.get('floor', {}).get('peak_rss_mb'), 0)} | {f(r.get('ours_torch', {}).get('peak_rss_mb'), 0)} | "
-                     f"{peak(r, 'shap')} | {f(r.get('onnx', {}).get('init_s'))} |")
+                     f"{peak(r, 'onnx')} | {f(onx.get('init_peak_rss_mb'), 0)} | "
+                     f"{peak(r, 'floor')} | {peak(r, 'ours_torch')} | "
+                     f"{peak(r, 'shap')} | {f(onx.get('init_s'))} | "
+                     f"{r.get('export', {}).get('cache') or '—'} |")
     return "\n".join(lines)
 
 
