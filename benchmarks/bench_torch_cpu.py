@@ -72,6 +72,8 @@ def floor(model, X, M, repeats, outputs=(0,)):
 
 
 KERNELS = {"default": None, "eager": False, "fused": True}
+#: ``keep_freed_memory`` settings of ours (``auto``: the library's default; ``off``: glibc as it is)
+KEEP = {"auto": None, "off": False}
 
 
 def main(argv=None):
@@ -83,6 +85,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kernels", nargs="+", default=["eager", "fused"], choices=list(KERNELS),
                     help="fuse_rules settings to time (default = fuse_rules=None, the automatic choice)")
+    ap.add_argument("--keep-freed-memory", nargs="+", default=["auto"], choices=list(KEEP),
+                    help="ours' keep_freed_memory settings to time (auto = the library's default)")
     ap.add_argument("--outputs", nargs="+", default=["top1"], choices=["top1", "all"])
     ap.add_argument("--num-classes", type=int, default=10)
     ap.add_argument("--out", default=None)
@@ -93,9 +97,12 @@ def main(argv=None):
         # glibc reads these once, at start-up: run again with them set
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **TUNED_MALLOC})
     torch.set_num_threads(1)
+    labels = [(k, keep) for k in args.kernels for keep in args.keep_freed_memory]
+    names = {(k, keep): k if keep == "auto" else f"{k}/keep-off" for k, keep in labels}
     rows = []
     print(f"malloc: {args.malloc}")
-    print("| model | outputs | floor CPU s | " + " | ".join(f"ours {k} CPU s (/ floor)" for k in args.kernels) + " |")
+    heads = " | ".join(f"ours {names[lb]} CPU s (/ floor)" for lb in labels)
+    print(f"| model | outputs | floor CPU s | {heads} |")
     for name in args.models:
         torch.manual_seed(0)
         model = MODELS[name](num_classes=args.num_classes).eval()
@@ -108,8 +115,9 @@ def main(argv=None):
             # top-1 floor: one backward of the N·M rows (each explicand's own top class is one seed row)
             fl = floor(model, X, args.m, args.repeats, outputs=top[:1] if outputs == "top1" else top)
             row = {"model": name, "outputs": outputs, "floor_s": fl}
-            for label in args.kernels:
-                e = DeepExplainer(model, bg, fuse_rules=KERNELS[label])
+            for kern, keep in labels:
+                label = names[kern, keep]
+                e = DeepExplainer(model, bg, fuse_rules=KERNELS[kern], keep_freed_memory=KEEP[keep])
                 def call(e=e, r=ranked):
                     return e.shap_values(X, ranked_outputs=r, check_additivity=False)
 
@@ -118,7 +126,7 @@ def main(argv=None):
                 del e
             rows.append(row)
             print(f"| {name} | {outputs} | {fl:.2f} | " + " | ".join(
-                f"{row[f'{k}_s']:.2f} ({row[f'{k}_ratio']:.2f}x)" for k in args.kernels) + " |", flush=True)
+                f"{row[f'{names[lb]}_s']:.2f} ({row[f'{names[lb]}_ratio']:.2f}x)" for lb in labels) + " |", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "rows": rows}, f, indent=1)

@@ -27,6 +27,7 @@ from torch import nn
 
 from .._explainer import ExplainerBase
 from ..errors import UnsupportedOperatorError
+from ._allocator import MIN_HOLD_BYTES, hold_freed_memory
 from ._tracer import ControlFlowError, FoldedBatchError, RuleMode
 
 #: transient memory the backward may use when batch_size is not given (bytes)
@@ -134,12 +135,17 @@ class DeepExplainer(ExplainerBase):
             minute, later runs reuse inductor's on-disk cache). ``None`` (default): fused when a chunk's
             largest rule site spans at least ``AUTO_FUSE_ELEMENTS`` elements, eager below. Where
             ``torch.compile`` is unavailable the eager kernels run, with a warning; numbers are the same.
+        keep_freed_memory: during a call, have glibc keep freed CPU memory for reuse instead of returning each
+            large tensor to the system (on a VM every page of a fresh tensor costs a fault: up to half an
+            explanation's CPU time); given back when the call ends. ``None`` (default): on for CPU calls
+            whose temporaries exceed 32 MiB; a no-op off glibc, with another allocator preloaded, or with
+            glibc's ``MALLOC_*_`` settings in the environment (see :mod:`deepshap_opt.torch._allocator`).
     """
 
     _wrap_indexes = staticmethod(torch.as_tensor)
 
     def __init__(self, model, data, batch_size: int | None = None, memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                 fuse_rules: bool | None = None):
+                 fuse_rules: bool | None = None, keep_freed_memory: bool | None = None):
         self.layer = None
         if isinstance(model, tuple):
             if len(model) != 2:
@@ -156,6 +162,7 @@ class DeepExplainer(ExplainerBase):
         if not isinstance(memory_budget, (int, float)) or memory_budget <= 0:
             raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
         self.model, self.batch_size, self.memory_budget, self.fuse_rules = model, batch_size, memory_budget, fuse_rules
+        self.keep_freed_memory = keep_freed_memory
         self.multi_input = isinstance(data, (list, tuple))
         params = next(iter(model.parameters()), None)
         self.data = [self._check_input(d, "data", params) for d in (data if self.multi_input else [data])]
@@ -361,8 +368,9 @@ class DeepExplainer(ExplainerBase):
         while True:
             try:
                 n_chunk, m_chunk = self._chunks(N, k, M)
-                parts = [self._explain_chunk([x[i:i + n_chunk] for x in xs], select, cache, m_chunk, k)
-                         for i in range(0, N, n_chunk)]
+                with hold_freed_memory(self._holds_memory(xs[0], n_chunk * m_chunk * k)):
+                    parts = [self._explain_chunk([x[i:i + n_chunk] for x in xs], select, cache, m_chunk, k)
+                             for i in range(0, N, n_chunk)]
                 break
             except FoldedBatchError:
                 if self._single_rows:
@@ -372,6 +380,13 @@ class DeepExplainer(ExplainerBase):
         outputs = np.concatenate([p[1] for p in parts])
         indexes = np.concatenate([p[2] for p in parts])
         return phis, outputs, indexes, outputs.dtype
+
+    def _holds_memory(self, x: torch.Tensor, rows: int) -> bool:
+        """Whether this call keeps freed memory in the heap (``keep_freed_memory``; ``None``: on CPU when a
+        backward's temporaries, ``rows`` × the largest site, pass glibc's own mmap ceiling)."""
+        if self.keep_freed_memory is not None:
+            return bool(self.keep_freed_memory) and x.device.type == "cpu"
+        return x.device.type == "cpu" and rows * self._cache.largest_site_nbytes() >= MIN_HOLD_BYTES
 
     def _explain_chunk(self, xs, select, cache: ReferenceCache, m_chunk: int, k: int):
         fuse = self.fuse_rules
