@@ -47,13 +47,12 @@ ONNX_KINDS = [k for k in KINDS if k != "rmsnorm"]
 # onnxruntime has float64 kernels for these activations only (not for Elu, Selu, LeakyRelu, Erf, Softplus,
 # HardSigmoid; torch.onnx.export runs Celu in float32 between two Casts, so its float64 model is not exact)
 ONNX64_ACTS = ["relu", "relu6", "silu", "hardtanh", "sigmoid", "tanh", "softsign", "logsigmoid"]
-# Known float32 limit (the regression test at the end, xfail strict): onnxruntime's float32 Elu/Selu/Celu
-# kernels compute exp(x) - 1 (absolute error ~6e-8 near 0; torch uses expm1) and the ONNX backend's rescale
-# rule takes Δy from those values, so where an activation's Δx is small and the Δ upstream large its SHAP
-# values miss the float64 ones by up to ~2e-4 of the output scale (torch: 2e-5). Until that is fixed, an
-# example with one of these activations is held to AGREE_EXP between ONNX and torch (completeness keeps TOL32).
-# (The TF backend had the same limit; its rule now recomputes Elu/Selu with expm1.)
-EXP_ACTS, AGREE_EXP = {"elu", "selu", "celu"}, 1e-3
+# A former float32 limit (regression test test_elu_float32_onnx_agrees at the end): onnxruntime's float32
+# Elu/Selu/Celu kernels compute exp(x) - 1 (absolute error ~6e-8 near 0; torch uses expm1) and the ONNX backend's
+# rescale rule took Δy from those values (up to ~2e-4 of the output scale from float64); ONNX was held to 1e-3
+# here. Its rule now computes Δy in a stable form (Kahan's expm1, e^max·expm1(-|Δ|) where both are negative) and
+# the TF backend recomputes Elu/Selu with expm1, so every backend is held to the plain AGREE again.
+EXP_ACTS, AGREE_EXP = {"elu", "selu", "celu"}, AGREE
 
 
 def _session_options():
@@ -193,14 +192,16 @@ def test_layernorm_width2_float64_keras_agrees():
 # found by the three-backend property (200 examples, CI count): float32 ELU after a cancelling projection
 ELU_SPEC = (2, [("softmix", 0, 0, "hardswish", 2), ("add", 0, 0, "gelu", 3), ("add", 1, 2, "gelu", 5),
                 ("softmix", 3, 2, "hardswish", 2), ("act", 2, 1, "elu", 6)], 3, 300)
-_EXP_REASON = ("float32 Elu/Selu/Celu in the {} backend: the runtime's kernel computes exp(x) - 1 (absolute error "
-               "~6e-8 near 0, torch uses expm1) and the rescale rule takes Δy from it: 1.6e-4 of the output scale "
-               "from the float64 values where torch's float32 values are within 1.8e-5")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_EXP_REASON.format("ONNX"))
 def test_elu_float32_onnx_agrees():
+    """The ONNX backend computes the Elu/Selu/Celu rescale's Δy in a stable form (onnxruntime's float32 kernels
+    compute exp(x) - 1): 3.7e-8 of the output scale from the float64 values on this network (was 1.6e-4;
+    torch's float32 values: 1.8e-5)."""
     check(ELU_SPEC, backends=("onnx",), exp_tol=False)
+    net, bg, X, _, scale = _case(ELU_SPEC, False, torch.float32)
+    exact = _torch(TorchNet(ELU_SPEC).double().eval(), bg.double(), X.double())
+    assert np.abs(_onnx(net, bg, X) - exact).max() / scale <= 1e-6
 
 
 def test_elu_float32_keras_agrees():
@@ -225,13 +226,11 @@ def test_elu_float32_torch_is_accurate_and_float64_backends_agree():
 LN_STACK_SPEC = (2, [("layernorm", 0, 0, "relu", 2), ("layernorm", 1, 1, "relu", 2)], 1, 53)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="ONNX backend, float64: completeness error 3.0e-5 of the output scale and 2.8e-5 from the "
-                   "torch values (torch and Keras: 1e-10; the ONNX forward equals torch's to 1e-11, so the "
-                   "explanation graph's LayerNormalization rule loses the precision); float32: 2.9e-5 from the "
-                   "float64 values where torch and Keras are within 1.5e-8")
+# The ONNX backend's LayerNormalization rule took the rsqrt rescale's f'(v) branch (|Δv| < 1e-6, as here) with
+# −½v⁻² instead of −½v^(−3/2): float64 completeness 3.0e-5 of the output scale, 2.8e-5 from torch; now 1e-10.
 def test_stacked_layernorm_float64_onnx_is_complete():
     check(LN_STACK_SPEC, dtype=torch.float64, backends=("onnx",))
+    check(LN_STACK_SPEC, backends=("onnx",))      # float32: 2e-8 from torch (was 2.9e-5)
 
 
 def test_stacked_layernorm_float64_torch_and_keras_agree():

@@ -57,6 +57,8 @@ _ELEMENTWISE = {
 _MERGED_OK = {"Reshape", "MatMul", "Add", "Sub", "Mul", "Div", "Identity", "Cast", "Neg", "Dropout",
               "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softplus",
               "Softsign", "Erf", "Gelu", "Mish", "Exp", "Log", "Sqrt", "Reciprocal", "Abs", "Clip", "Pow"}
+#: rescale ops whose Δy is recomputed in a stable form (see ExplanationBuilder._expm1_delta)
+_EXPM1_KINDS = {"elu", "selu", "celu"}
 _PASS = {"Identity", "Dropout", "Reshape", "Flatten", "Squeeze", "Unsqueeze"}
 #: a normal float far below any activation difference (see the ReLU and max-pool rules); also for float64
 #: not smaller: onnxruntime's optimizer drops an Add of a double constant that is 0 once cast to float32
@@ -380,7 +382,8 @@ class ExplanationBuilder:
         if self.mode == "topk":
             _, idx = b.op("TopK", [yF, b.i64([self.k])], n_out=2, axis=1, largest=1, sorted=1)
         elif self.mode == "all":
-            idx = b.op("Expand", [b.i64(np.arange(self.K)[None, :]), b.op("Concat", [self.Nt, b.i64([self.K])], axis=0)])
+            idx = b.op("Expand", [b.i64(np.arange(self.K)[None, :]),
+                                  b.op("Concat", [self.Nt, b.i64([self.K])], axis=0)])
         elif self.mode == "index":
             idx = b.op("Expand", [b.i64([[self.k]]), b.op("Concat", [self.Nt, b.i64([1])], axis=0)])
         else:
@@ -620,7 +623,8 @@ class ExplanationBuilder:
             so = ort.SessionOptions()
             so.log_severity_level = 3
             sess = ort.InferenceSession(self.plan.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-            y = np.concatenate([sess.run([self.y], dict(zip(self.plan.inputs, [b[s:s + REF_CHUNK] for b in self.bg])))[0]
+            y = np.concatenate([sess.run([self.y], dict(zip(self.plan.inputs,
+                                                            [b[s:s + REF_CHUNK] for b in self.bg])))[0]
                                 for s in range(0, self.M, REF_CHUNK)])
             self._ev = np.asarray(y, np.float64).reshape(y.shape[0], -1).mean(0)
         return self._ev
@@ -761,7 +765,8 @@ class ExplanationBuilder:
     # --- element-wise (rescale)
     def rescale(self, node, x, y, G, kind) -> str:
         b, p = self.b, self.plan
-        X4, Y4, R4, FR4 = self.X4(x), self.X4(y), self.R4(x), self.R4(y)
+        X4, Y4, R4 = self.X4(x), self.X4(y), self.R4(x)
+        FR4 = None if kind in _EXPM1_KINDS else self.R4(y)
         tiny = _TINY.get(np.dtype(self.fdt(x)))
         if kind == "relu" and tiny is not None and p.rest[x] == p.rest[y]:
             # ReLU, with 4 passes over the (N, S, M, *rest) pairs instead of 10: m = Δy / (Δx + tiny).
@@ -772,7 +777,7 @@ class ExplanationBuilder:
             m = b.div(b.sub(Y4, FR4), b.add(b.sub(X4, R4), self.fc(tiny, x)))
             return self.flat(b.mul(self.to4(G, p.rest[y]), m), p.rest[y])
         d = b.sub(X4, R4)
-        dy = b.sub(Y4, FR4)
+        dy = self._expm1_delta(node, kind, X4, R4, d) if kind in _EXPM1_KINDS else b.sub(Y4, FR4)
         # m = dy/d, or f'(x) where |d| < eps, written without Where (slow in onnxruntime):
         # z = [|d| < eps]; m = (dy + f'(x)·z) / (d + z)  (= f'(x)(1 + O(d)) where z = 1, exactly f'(x) at d = 0)
         z = b.cast(b.op("Less", [b.abs(d), self.fc(spec.RESCALE_EPS, x)]), helper.np_dtype_to_tensor_dtype(self.fdt(x)))
@@ -782,10 +787,56 @@ class ExplanationBuilder:
         g = self.flat(b.mul(G4, m), p.rest[y])
         return self.reduce_to(g, p.rest[y], p.rest[x])
 
+    def _expm1(self, t, x) -> str:
+        """expm1(t) for t <= 0 without an Expm1 op (ONNX has none), by Kahan's trick: u = exp(t);
+        t where u == 1, else (u − 1)·t / log(u) (the rounding of u cancels between u − 1 and log u). t is
+        clamped at −80, where expm1 is −1 to float64 precision (and log(0) would give 0·∞)."""
+        b = self.b
+        t = b.op("Max", [t, self.fc(-80.0, x)])
+        u = b.exp(t)
+        one = self.fc(1.0, x)
+        is1 = b.op("Equal", [u, one])
+        q = b.div(b.mul(b.sub(u, one), t), b.where(is1, one, b.op("Log", [u])))
+        return b.where(is1, t, q)
+
+    def _expm1_delta(self, node, kind, X4, R4, d) -> str:
+        """f(x) − f(r) for Elu/Selu/Celu, f(v) = s·v (v > 0), s·a·expm1(v/c) (v <= 0), in a stable form.
+
+        onnxruntime's float32 kernels compute a·(exp(v) − 1) (absolute error ~6e-8 near 0; torch uses expm1),
+        which the rescale quotient Δy/Δx amplifies where Δx is small. Here: where x, r <= 0,
+        Δy = s·a·(e^{x/c} − e^{r/c}) = sign(Δ)·s·a·e^{max(x,r)/c}·(−expm1(−|Δ|/c)), no cancellation; elsewhere
+        f(x) − f(r) with f from expm1 (x, r > 0: exactly Δ·s; across 0 a sum of two non-negative terms)."""
+        b, A = self.b, _attrs(node)
+        x = node.input[0]
+        if kind == "elu":
+            s_, a_, c_ = 1.0, A.get("alpha", 1.0), 1.0
+        elif kind == "selu":
+            s_, a_, c_ = (A.get("gamma", 1.05070102214813232421875), A.get("alpha", 1.67326319217681884765625),
+                          1.0)
+        else:                                          # celu: max(0, v) + min(0, α·(exp(v/α) − 1))
+            s_, a_, c_ = 1.0, A.get("alpha", 1.0), A.get("alpha", 1.0)
+        zero = self.fc(0.0, x)
+
+        def scaled(v):
+            return v if c_ == 1.0 else b.mul(v, self.fc(1.0 / c_, x))
+
+        def f(v):
+            neg = b.mul(self._expm1(scaled(b.op("Min", [v, zero])), x), self.fc(s_ * a_, x))
+            return b.where(b.op("Greater", [v, zero]), v if s_ == 1.0 else b.mul(v, self.fc(s_, x)), neg)
+
+        top = scaled(b.op("Max", [X4, R4]))
+        both_neg = scaled(b.neg(b.abs(d)))
+        dneg = b.mul(b.mul(b.op("Sign", [d]), b.exp(top)),
+                     b.mul(b.neg(self._expm1(both_neg, x)), self.fc(s_ * a_, x)))
+        nonpos = b.op("And", [b.op("LessOrEqual", [X4, zero]), b.op("LessOrEqual", [R4, zero])])
+        return b.where(nonpos, dneg, b.sub(f(X4), f(R4)))
+
     def deriv(self, node, kind, X, Y, x) -> str:
         """f'(x) at the explicand, (N,1,1,*rest), as ONNX ops."""
         b, A = self.b, _attrs(node)
-        c = lambda v: self.fc(v, x)
+        def c(v):
+            return self.fc(v, x)
+
         one, zero = c(1.0), c(0.0)
         gt0 = b.op("Greater", [X, zero])
         if kind == "relu":
@@ -1394,7 +1445,7 @@ class ExplanationBuilder:
         grad_s = b.rsum(b.mul(G4, c_bar), axes)
         dv = b.sub(vx, vr)
         small = b.op("Less", [b.abs(dv), self.fc(spec.RESCALE_EPS, x)])
-        fprime = b.mul(self.fc(-0.5, x), b.mul(sx, b.div(sx, vx)))
+        fprime = b.mul(self.fc(-0.5, x), b.div(sx, vx))                  # d/dv v^(-1/2) = -½ v^(-3/2)
         m_rs = b.where(small, fprime, b.div(b.sub(sx, sr), b.where(small, self.fc(1.0, x), dv)))
         grad_v = b.mul(grad_s, m_rs)
         # v = mean(c²): dv/dc_j = (c_x + c_r)_j / F, F = number of elements reduced

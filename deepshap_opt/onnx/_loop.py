@@ -50,7 +50,8 @@ def subgraph_refs(node: onnx.NodeProto) -> set[str]:
 
 
 def wrap_in_loop(*, opset: int, taken: set[str], fwd_nodes: list, dep: set[str], inputs: list[str],
-                 back_nodes: list, final_outputs: list[tuple[str, int, list]], model_outputs: list[tuple[str, int, list]],
+                 back_nodes: list, final_outputs: list[tuple[str, int, list]],
+                 model_outputs: list[tuple[str, int, list]],
                  model_outputs_from_body: bool, rows_per_run: int, M: int, S, target: str | None,
                  const_value=None):
     """Split the graph into an outer part and a Loop body; returns (outer nodes, outer initializers).
@@ -143,7 +144,8 @@ def wrap_in_loop(*, opset: int, taken: set[str], fwd_nodes: list, dep: set[str],
          helper.make_tensor_value_info(cond_in, TensorProto.BOOL, [])],
         body_outs, initializer=lb.inits)
     scans = [w.fresh("scan") for _ in per_chunk]
-    loop = helper.make_node("Loop", [iters, w.const(np.array(True))], scans, name=w.fresh("n_Loop_explicands"), body=body)
+    loop = helper.make_node("Loop", [iters, w.const(np.array(True))], scans, name=w.fresh("n_Loop_explicands"),
+                            body=body)
     # ------------------------------------------------------------------ outer: unstack, drop the padding
     w.nodes = []
     for (name, _, dims), sc in zip(per_chunk, scans):

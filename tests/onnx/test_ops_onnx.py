@@ -219,3 +219,27 @@ def test_reduce_max_min():
     X[0] = _img(5)[0]
     proto, _ = _complete(model_of(nodes, [4, 5, 5], inits), _img(5), X)
     assert {"ReduceMax", "ReduceMin"} <= all_ops(proto)
+
+
+def test_layernorm_float64_equal_variance_branch_matches_reference():
+    """LayerNormalization where explicand and reference have (almost) the same variance: the rsqrt rescale takes
+    its f'(v) branch. That derivative was −½v⁻² instead of −½v^(−3/2) (invisible at v ≈ 1); the fuzzer's stacked
+    width-2 LayerNorms (float64 completeness 3e-5) found it. Checked against the spec's NumPy reference at v ≈ 0.025."""
+    F = 4
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)]
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, ["N", F])],
+                          [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)],
+                          initializer=[numpy_helper.from_array(np.ones(F), "g"),
+                                       numpy_helper.from_array(np.zeros(F), "b")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+    r = 0.1 * np.array([1.0, -1.0, 2.0, -2.0])                        # v = 0.025 (+ eps)
+    X = np.stack([0.1 * np.array([-1.0, 1.0, -2.0, 2.0]),              # same mean and variance: Δv = 0
+                  0.1 * np.array([-1.0, 1.0, 2.0, -2.0]) + 1e-9,       # |Δv| < 1e-6
+                  np.array([0.05, -0.4, 0.1, 0.3])])                  # the secant branch
+    proto = dso.build(model, r[None], outputs="all")
+    phi = run(proto, {"x": X})["shap_values"]                          # (N, F_in, F_out)
+    for n in range(len(X)):
+        want = ref.layer_norm_attribution(X[n], r)                   # (F_out, F_in)
+        np.testing.assert_allclose(phi[n].T, want, rtol=0, atol=1e-9 * np.abs(want).max())
+    err, scale = completeness_error(proto, run(proto, {"x": X}))
+    assert err <= 1e-10 * scale

@@ -16,9 +16,9 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-import deepshap_opt.onnx as dso
+import deepshap_opt.onnx as dso  # noqa: E402
 
-from ._onnx_util import completeness_error, expected_value, run, torch_backend
+from ._onnx_util import completeness_error, expected_value, run, torch_backend  # noqa: E402
 
 BLOCKER = textwrap.dedent("""
     import sys
