@@ -147,6 +147,8 @@ def case_onnx(args):
     so.intra_op_num_threads = args.threads
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    if args.onnx_no_mem_pattern:            # onnxruntime's memory pattern off (see --onnx-no-mem-pattern)
+        so.enable_mem_pattern = False
     t0 = time.perf_counter()
     sess = ort.InferenceSession(args.file, so, providers=["CPUExecutionProvider"])
     init = time.perf_counter() - t0
@@ -171,7 +173,7 @@ def spawn(case, model, data, file, a) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--model", model, "--data", data,
            "--file", file, "--threads", str(a.threads), "--repeats", str(a.repeats), "--warmup", str(a.warmup),
            "--classes", str(a.classes), "--floor-chunk", str(a.floor_chunk), "--onnx-chunk", str(a.onnx_chunk),
-           "--onnx-budget-mb", str(a.onnx_budget_mb)]
+           "--onnx-budget-mb", str(a.onnx_budget_mb)] + (["--onnx-no-mem-pattern"] if a.onnx_no_mem_pattern else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONWARNINGS="ignore")
     lock = None
     if a.lock:                      # one heavy case at a time across processes sharing the machine
@@ -238,6 +240,12 @@ def main():
     ap.add_argument("--onnx-budget-mb", type=float, default=-1,
                     help="export's memory_budget in MiB (the explanation's Loop over explicand chunks; 0: no "
                          "Loop, all N x M rows in one run; default: export's default)")
+    ap.add_argument("--onnx-no-mem-pattern", action="store_true",
+                    help="onnx: SessionOptions.enable_mem_pattern = False. With the pattern (the default), from the "
+                         "second call on onnxruntime allocates the outer graph's planned block anew while its "
+                         "arena keeps the first call's chunks: with cache='runtime' that doubles the references' "
+                         "activations held (DenseNet201, M=4, N=1: peak 1.5 GB in the first call, 2.3 GB from "
+                         "the second; 1.5 GB without the pattern)")
     ap.add_argument("--mem-cap-mb", type=float, default=0,
                     help="kill a case whose resident memory passes this many MiB (recorded as an error)")
     ap.add_argument("--lock", default=None,
