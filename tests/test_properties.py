@@ -75,3 +75,28 @@ def test_max_pair_small_delta_float64_completeness():
 
 def test_max_pair_small_delta_float32_completeness():
     assert completeness(MAX_TIE_SPEC, torch.float32) <= 1e-4
+
+
+def test_fuzz_run_plan():
+    """``tox -e fuzz`` (tests/fuzz_run.py): every property gets its CI count x 25, the Keras ones in slices of
+    at most 250 examples (125 CNNs), every process its own hypothesis seed, and the DEEPSHAP_FUZZ_EXAMPLES it
+    is given yields its slice's count under random_nets' scaling."""
+    from .fuzz_run import PROPERTIES, plan
+
+    jobs = plan(5000, 250, 1, None, True)
+    want = {"mlp_three": 5000, "cnn_three": 1250, "mlp_keras64": 500, "mlp_onnx64": 500, "torch_mlp64": 5000,
+            "torch_mlp32": 1250, "torch_cnn64": 1250}
+    most = {"mlp_three": 250, "cnn_three": 125, "mlp_keras64": 250}
+    for name, _, _, fraction, _ in PROPERTIES:
+        js = [j for j in jobs if j.name == name]
+        assert sum(j.target for j in js) == want[name]
+        assert max(j.target for j in js) <= most.get(name, want[name])
+        # SETTINGS' max_examples (fraction 1) or random_nets.n_examples(fraction)
+        assert all(j.target == (j.env_examples if fraction == 1 else max(int(j.env_examples * fraction), 10))
+                   for j in js)
+    assert len({j.seed for j in jobs}) == len(jobs)
+    # the torch/ONNX properties and the regression tests first, then the Keras slices
+    names = [j.name for j in jobs]
+    assert names.index("regressions") < names.index("mlp_three") < names.index("cnn_three")
+    assert set(names[:names.index("mlp_three")]) == {"torch_mlp64", "torch_mlp32", "torch_cnn64", "mlp_onnx64",
+                                                     "regressions"}
