@@ -15,7 +15,7 @@ gives the number of examples each process ran, which the summary adds up per pro
     python -m tests.fuzz_run                          # the tox -e fuzz counts (DEEPSHAP_FUZZ_EXAMPLES=5000)
     python -m tests.fuzz_run --examples 400 --jobs 1  # smaller
     python -m tests.fuzz_run --only mlp_three          # one property
-    python -m tests.fuzz_run --out DIR --resume       # go on with a run that was stopped
+    python -m tests.fuzz_run --out DIR --resume       # go on with a run that was stopped (or --max-minutes)
 
 Exit status 0 only if every process passed. Logs and ``summary.json`` go to ``--out``.
 """
@@ -149,7 +149,8 @@ def result_path(out: str, job: Job) -> str:
     return os.path.join(out, f"{job.name}-{job.index:03d}.json")
 
 
-def run(jobs: list[Job], n_parallel: int, out: str, nice: int, quiet: bool, resume: bool = False):
+def run(jobs: list[Job], n_parallel: int, out: str, nice: int, quiet: bool, resume: bool = False,
+        max_minutes: float | None = None):
     pending, running = list(jobs), {}
     if resume:     # processes that finished in an earlier run into the same --out (same plan and seed)
         for job in jobs:
@@ -164,6 +165,13 @@ def run(jobs: list[Job], n_parallel: int, out: str, nice: int, quiet: bool, resu
     t_all = time.time()
     done = len(jobs) - len(pending)
     while pending or running:
+        if max_minutes is not None and pending and time.time() - t_all > 60 * max_minutes:
+            if not quiet:
+                print(f"--max-minutes {max_minutes:g} reached: {len(pending)} processes not started "
+                      f"(--resume goes on)", flush=True)
+            pending = []
+            if not running:
+                break
         while pending and len(running) < n_parallel:
             job = pending.pop(0)
             job.log = os.path.join(out, f"{job.name}-{job.index:03d}.log")
@@ -207,9 +215,12 @@ def summarize(jobs: list[Job], wall: float, out: str) -> bool:
         ex = sum(j.examples for j in js)
         total_ex += ex
         print(f"{name:<14} {ex:>8} {sum(j.target for j in js):>7} {len(js):>5} "
-              f"{sum(j.rc != 0 for j in js):>6} {sum(j.cpu_s for j in js):>7.0f} {sum(j.wall_s for j in js):>7.0f} "
-              f"{max(j.maxrss_mb for j in js):>10.0f}")
-    bad = [j for j in jobs if j.rc != 0]
+              f"{sum(j.rc not in (0, None) for j in js):>6} {sum(j.cpu_s for j in js):>7.0f} "
+              f"{sum(j.wall_s for j in js):>7.0f} {max(j.maxrss_mb for j in js):>10.0f}")
+    bad = [j for j in jobs if j.rc not in (0, None)]
+    not_run = [j for j in jobs if j.rc is None]
+    if not_run:
+        print(f"\nnot run: {', '.join(f'{j.name}#{j.index}' for j in not_run)}")
     cpu = sum(j.cpu_s for j in jobs)
     print(f"\n{total_ex} examples in {len(jobs)} processes; {cpu:.0f} s CPU, {wall:.0f} s wall; "
           f"{len(bad)} failed process(es). Logs: {out}")
@@ -220,7 +231,7 @@ def summarize(jobs: list[Job], wall: float, out: str) -> bool:
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump({"wall_s": wall, "cpu_s": cpu, "examples": total_ex, "jobs": [asdict(j) for j in jobs]}, f,
                   indent=1)
-    return not bad
+    return not bad and not not_run
 
 
 def main(argv=None):
@@ -239,6 +250,8 @@ def main(argv=None):
     ap.add_argument("--out", help="log directory (default: a new temporary one)")
     ap.add_argument("--resume", action="store_true",
                     help="skip the processes that already finished in --out (same plan and --seed)")
+    ap.add_argument("--max-minutes", type=float,
+                    help="start no process after this many minutes (the summary lists those not run)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("-q", "--quiet", action="store_true")
     a = ap.parse_args(argv)
@@ -252,7 +265,7 @@ def main(argv=None):
     print(f"{len(jobs)} processes, {a.jobs} at a time, base seed {a.seed}, logs in {out}", flush=True)
     if a.resume and not a.out:
         ap.error("--resume needs --out")
-    wall = run(jobs, a.jobs, out, a.nice, a.quiet, a.resume)
+    wall = run(jobs, a.jobs, out, a.nice, a.quiet, a.resume, a.max_minutes)
     return 0 if summarize(jobs, wall, out) else 1
 
 
