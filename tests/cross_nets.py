@@ -21,7 +21,8 @@ from keras import ops
 KERAS_ACT = {
     "relu": ops.relu, "relu6": ops.relu6, "leaky_relu": lambda t: ops.leaky_relu(t, negative_slope=0.2),
     "elu": ops.elu, "selu": ops.selu, "celu": ops.celu, "gelu": lambda t: ops.gelu(t, approximate=False),
-    "gelu_tanh": lambda t: ops.gelu(t, approximate=True), "silu": ops.silu, "mish": lambda t: L.Activation(keras.activations.mish, dtype=t.dtype)(t),
+    "gelu_tanh": lambda t: ops.gelu(t, approximate=True), "silu": ops.silu,
+    "mish": lambda t: L.Activation(keras.activations.mish, dtype=t.dtype)(t),
     "hardswish": ops.hard_silu, "hardsigmoid": ops.hard_sigmoid, "hardtanh": ops.hard_tanh,
     "sigmoid": ops.sigmoid, "tanh": ops.tanh, "softplus": ops.softplus, "softsign": ops.softsign,
     "logsigmoid": ops.log_sigmoid,
