@@ -100,3 +100,65 @@ def test_fuzz_run_plan():
     assert names.index("regressions") < names.index("mlp_three") < names.index("cnn_three")
     assert set(names[:names.index("mlp_three")]) == {"torch_mlp64", "torch_mlp32", "torch_cnn64", "mlp_onnx64",
                                                      "regressions"}
+
+
+# found by `tox -e fuzz` (23 Nov 2026, the three-backend MLP property, slice seed 20261138, after ~3,750 passing
+# examples): a LayerNorm over 2 features feeding a second LayerNorm. In float32 the torch backend is 6.3e-5 of
+# the output scale from the float64 values and the TF backend 8.2e-5, in opposite directions, so Keras and torch
+# differ by 1.45e-4 (> 1e-4); the ONNX backend is within 1.6e-7 (after 627d20d's LayerNormalization rsqrt fix),
+# so it is not float32 conditioning. float64: the three agree to 5e-17, completeness 1e-10.
+LN2_STACK_SPEC = (3, [("cat", 0, 0, "hardsigmoid", 3), ("layernorm", 1, 0, "relu", 2), ("act", 0, 0, "relu", 2),
+                      ("layernorm", 0, 2, "relu", 4)], 1, 50833)
+_LN2_REASON = ("float32 {} backend on a width-2 LayerNorm feeding a LayerNorm: {} of the output scale from the "
+               "float64 values where the ONNX backend is within 1.6e-7 (likely the small-Δv rsqrt rescale that "
+               "627d20d fixed in the ONNX backend; not confirmed)")
+
+
+def _ln2_stack(backend, dtype):
+    pytest.importorskip("keras")
+    pytest.importorskip("onnxruntime")
+    from . import test_properties_cross as tpc
+
+    net, bg, X, target, scale = tpc._case(LN2_STACK_SPEC, False, dtype)
+    phi = {"torch": tpc._torch, "onnx": tpc._onnx,
+           "keras": lambda n, b, x: tpc._keras(LN2_STACK_SPEC, n, b, x, False)}[backend](net, bg, X)
+    return phi, target, scale
+
+
+def _ln2_stack_error(backend):
+    """(float32 φ − float64 torch φ) / scale, and the float32 completeness error."""
+    from .test_properties_cross import _completeness
+
+    phi, target, scale = _ln2_stack(backend, torch.float32)
+    exact, _, _ = _ln2_stack("torch", torch.float64)
+    return np.abs(phi - exact).max() / scale, _completeness(phi, target, scale)
+
+
+def test_ln2_stack_float32_onnx_accurate_float64_backends_agree():
+    err, comp = _ln2_stack_error("onnx")
+    assert err <= 1e-6 and comp <= 1e-4
+    exact, target, scale = _ln2_stack("torch", torch.float64)
+    phi, _, _ = _ln2_stack("keras", torch.float64)
+    assert np.abs(phi - exact).max() / scale <= 1e-8
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LN2_REASON.format("torch", "6.3e-5"))
+def test_ln2_stack_float32_torch_accurate():
+    err, comp = _ln2_stack_error("torch")
+    assert comp <= 1e-4                 # complete: the error is in how Δ is split
+    assert err <= 1e-5, err
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=_LN2_REASON.format("TF", "8.2e-5"))
+def test_ln2_stack_float32_keras_accurate():
+    err, comp = _ln2_stack_error("keras")
+    assert comp <= 1e-4
+    assert err <= 1e-5, err
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="the property itself: Keras vs torch 1.45e-4 of the output scale (> 1e-4), see above")
+def test_ln2_stack_float32_three_backends():
+    from .test_properties_cross import check
+
+    check(LN2_STACK_SPEC)
