@@ -34,8 +34,9 @@ from deepshap_opt.torch import DeepExplainer  # noqa: E402
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}
 
 
-def cpu(f, repeats):
-    f()
+def cpu(f, repeats, warmup=1):
+    for _ in range(warmup):
+        f()
     ts = []
     for _ in range(repeats):
         t = time.process_time()
@@ -44,7 +45,7 @@ def cpu(f, repeats):
     return sorted(ts)[len(ts) // 2]
 
 
-def floor(model, X, M, repeats, outputs=(0,)):
+def floor(model, X, M, repeats, outputs=(0,), warmup=1):
     """One forward of the N explicands + one input-gradient backward over the N·M rows per explained output
     (the backwards timed alone, M rows at a time: the forward of the N·M rows is not part of the floor)."""
     for p in model.parameters():
@@ -55,7 +56,7 @@ def floor(model, X, M, repeats, outputs=(0,)):
             model(X)
 
     bwd = []
-    for _ in range(repeats + 1):
+    for _ in range(repeats + warmup):
         total = 0.0
         for i in range(X.shape[0]):   # one explicand's M rows at a time: the N·M-row tape would not fit
             xx = X[i:i + 1].repeat_interleave(M, 0).requires_grad_()
@@ -68,7 +69,8 @@ def floor(model, X, M, repeats, outputs=(0,)):
         bwd.append(total)
     for p in model.parameters():
         p.requires_grad_(True)
-    return cpu(fwd, repeats) + sorted(bwd[1:])[len(bwd[1:]) // 2]
+    timed = bwd[warmup:]
+    return cpu(fwd, repeats) + sorted(timed)[len(timed) // 2]
 
 
 KERNELS = {"default": None, "eager": False, "fused": True}
@@ -83,6 +85,7 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--m", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed calls before the timed ones (floor and ours)")
     ap.add_argument("--kernels", nargs="+", default=["eager", "fused"], choices=list(KERNELS),
                     help="fuse_rules settings to time (default = fuse_rules=None, the automatic choice)")
     ap.add_argument("--keep-freed-memory", nargs="+", default=["auto"], choices=list(KEEP),
@@ -113,7 +116,8 @@ def main(argv=None):
             with torch.no_grad():
                 top = model(X).argmax(1).tolist() if outputs == "top1" else list(range(args.num_classes))
             # top-1 floor: one backward of the N·M rows (each explicand's own top class is one seed row)
-            fl = floor(model, X, args.m, args.repeats, outputs=top[:1] if outputs == "top1" else top)
+            fl = floor(model, X, args.m, args.repeats, outputs=top[:1] if outputs == "top1" else top,
+                       warmup=args.warmup)
             row = {"model": name, "outputs": outputs, "floor_s": fl}
             for kern, keep in labels:
                 label = names[kern, keep]
@@ -121,7 +125,7 @@ def main(argv=None):
                 def call(e=e, r=ranked):
                     return e.shap_values(X, ranked_outputs=r, check_additivity=False)
 
-                row[f"{label}_s"] = cpu(call, args.repeats)
+                row[f"{label}_s"] = cpu(call, args.repeats, args.warmup)
                 row[f"{label}_ratio"] = row[f"{label}_s"] / fl
                 del e
             rows.append(row)
