@@ -83,6 +83,18 @@ def _relu_times(g, x, r_in):
 IN_KERNEL_ACTIVATION = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "silu": torch.nn.functional.silu}
 
 
+#: rescale multipliers of power functions in closed form, m(x, r) = (f(x) − f(r)) / (x − r) rewritten without
+#: the difference (float32 loses the difference's digits when Δ is small against x: the variance of a narrow
+#: LayerNorm); exact algebra, so no threshold is needed where x and r are close
+CLOSED_FORM_SECANT = {
+    # 1/√x − 1/√r = (r − x) / (√x √r (√x + √r))
+    "rsqrt": lambda x, r: -(torch.rsqrt(x) * torch.rsqrt(r)) / (torch.sqrt(x) + torch.sqrt(r)),
+    "sqrt": lambda x, r: 1 / (torch.sqrt(x) + torch.sqrt(r)),
+    "reciprocal": lambda x, r: -1 / (x * r),
+    "square": lambda x, r: x + r,
+}
+
+
 def _activation_times(f):
     def kernel(g, x, y, dfx, r_in):
         return _rescale_times(g, x, y, dfx, r_in, f(r_in))
@@ -252,6 +264,8 @@ class Rescale(torch.autograd.Function):
             grad = Kernel.apply("relu_times", fuse, g, ctx.x, r_in)
         elif ctx.op in IN_KERNEL_ACTIVATION:
             grad = Kernel.apply(f"{ctx.op}_times", fuse, g, ctx.x, ctx.y, ctx.dfx, r_in)
+        elif ctx.op in CLOSED_FORM_SECANT:
+            grad = g * CLOSED_FORM_SECANT[ctx.op](ctx.x, r_in)
         else:
             grad = Kernel.apply("rescale_times", fuse, g, ctx.x, ctx.y, ctx.dfx, r_in, ctx.fn(r_in))
         return grad, None, None, None

@@ -181,7 +181,9 @@ class RuleMode(TorchFunctionMode):
 
     #: torch op names whose rescale needs no parameters beyond the tensor (closed-form f' applies)
     _PARAMETER_FREE = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
-                       "tanh": "tanh", "tanh_": "tanh", "silu": "silu"}
+                       "tanh": "tanh", "tanh_": "tanh", "silu": "silu", "rsqrt": "rsqrt", "rsqrt_": "rsqrt",
+                       "sqrt": "sqrt", "sqrt_": "sqrt", "reciprocal": "reciprocal", "reciprocal_": "reciprocal",
+                       "square": "square", "square_": "square"}
 
     def _rescale(self, func, name, args, kwargs, canon=None):
         inplace = _is_inplace(name, kwargs)
