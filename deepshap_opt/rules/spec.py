@@ -50,6 +50,8 @@ class Rescale(Rule):
     """Rescale rule for an element-wise y = f(x) (DeepLIFT, Shrikumar et al. 2017, §3.5.1).
 
     m = (f(x) − f(r)) / (x − r);  where |x − r| < eps: m = f'(x).
+    Powers are written without the difference (exact, no eps; float32 keeps its digits when x ≈ r, e.g. a
+    narrow LayerNorm's variance): rsqrt −1/(√x√r(√x + √r)), sqrt 1/(√x + √r), reciprocal −1/(xr), square x + r.
     """
 
     name = "rescale"

@@ -253,7 +253,7 @@ class Rescale(torch.autograd.Function):
     @staticmethod
     def _save(ctx, x, y, fn, site, op):
         ctx.x, ctx.site, ctx.op, ctx.fn = x, site, op, fn
-        if op != "relu":
+        if op != "relu" and op not in CLOSED_FORM_SECANT:   # those two need x and r alone
             ctx.y, ctx.dfx = y.detach().clone(), derivative(fn, x, op)
 
     @staticmethod

@@ -179,11 +179,9 @@ class RuleMode(TorchFunctionMode):
             self.mark(args[0])
         return self.mark(out)
 
-    #: torch op names whose rescale needs no parameters beyond the tensor (closed-form f' applies)
-    _PARAMETER_FREE = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
-                       "tanh": "tanh", "tanh_": "tanh", "silu": "silu", "rsqrt": "rsqrt", "rsqrt_": "rsqrt",
-                       "sqrt": "sqrt", "sqrt_": "sqrt", "reciprocal": "reciprocal", "reciprocal_": "reciprocal",
-                       "square": "square", "square_": "square"}
+    #: torch op names (out of place; in-place twins via _base_name) whose rescale needs no parameters beyond
+    #: the tensor (closed-form f' or closed-form secant applies)
+    _PARAMETER_FREE = frozenset({"relu", "sigmoid", "tanh", "silu", "rsqrt", "sqrt", "reciprocal", "square"})
 
     def _rescale(self, func, name, args, kwargs, canon=None):
         inplace = _is_inplace(name, kwargs)
@@ -204,8 +202,10 @@ class RuleMode(TorchFunctionMode):
 
             def fn(t, f=f, fargs=fargs, fkwargs=fkwargs, key=key):
                 return f(*fargs, **{**fkwargs, key: t})
-        closed = self._PARAMETER_FREE.get(name) if len(fargs) + len(fkwargs) - ("inplace" in fkwargs) == 1 else None
-        canon = canon or T.RESCALE.get(_base_name(name), name)
+        base = _base_name(name)
+        closed = base if base in self._PARAMETER_FREE and len(fargs) + len(fkwargs) - ("inplace" in fkwargs) == 1 \
+            else None
+        canon = canon or T.RESCALE.get(base, name)
         return self._apply_rescale(x, fn, canon, inplace, target=args[0], closed=closed)
 
     def _apply_rescale(self, x, fn, op, inplace=False, target=None, closed=None):

@@ -384,9 +384,11 @@ class DeepExplainer(ExplainerBase):
     def _holds_memory(self, x: torch.Tensor, rows: int) -> bool:
         """Whether this call keeps freed memory in the heap (``keep_freed_memory``; ``None``: on CPU when a
         backward's temporaries, ``rows`` × the largest site, pass glibc's own mmap ceiling)."""
+        if x.device.type != "cpu":
+            return False
         if self.keep_freed_memory is not None:
-            return bool(self.keep_freed_memory) and x.device.type == "cpu"
-        return x.device.type == "cpu" and rows * self._cache.largest_site_nbytes() >= MIN_HOLD_BYTES
+            return bool(self.keep_freed_memory)
+        return rows * self._cache.largest_site_nbytes() >= MIN_HOLD_BYTES
 
     def _explain_chunk(self, xs, select, cache: ReferenceCache, m_chunk: int, k: int):
         fuse = self.fuse_rules
