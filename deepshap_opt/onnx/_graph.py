@@ -25,6 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import UnsupportedOperatorError
 from ..rules import spec
 from ._builder import Builder
+from ._secant import BOUNDED_SECANT, bounded_secant
 from ._loop import subgraph_refs
 
 MIN_OPSET = 17
@@ -765,6 +766,11 @@ class ExplanationBuilder:
     # --- element-wise (rescale)
     def rescale(self, node, x, y, G, kind) -> str:
         b, p = self.b, self.plan
+        if kind in BOUNDED_SECANT and p.rest[x] == p.rest[y]:
+            # sigmoid, tanh: the multiplier in closed form from x and r alone (no f(r) cached; see _secant.py)
+            m = bounded_secant(b, kind, self.X4(x), self.R4(x), lambda v: self.fc(v, x),
+                               helper.np_dtype_to_tensor_dtype(self.fdt(x)))
+            return self.flat(b.mul(self.to4(G, p.rest[y]), m), p.rest[y])
         X4, Y4, R4 = self.X4(x), self.X4(y), self.R4(x)
         FR4 = None if kind in _EXPM1_KINDS else self.R4(y)
         tiny = _TINY.get(np.dtype(self.fdt(x)))

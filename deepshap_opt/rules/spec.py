@@ -50,8 +50,10 @@ class Rescale(Rule):
     """Rescale rule for an element-wise y = f(x) (DeepLIFT, Shrikumar et al. 2017, §3.5.1).
 
     m = (f(x) − f(r)) / (x − r);  where |x − r| < eps: m = f'(x).
-    Powers are written without the difference (exact, no eps; float32 keeps its digits when x ≈ r, e.g. a
-    narrow LayerNorm's variance): rsqrt −1/(√x√r(√x + √r)), sqrt 1/(√x + √r), reciprocal −1/(xr), square x + r.
+    Some are written without the difference (exact, no eps; float32 keeps its digits when x ≈ r, e.g. a
+    narrow LayerNorm's variance, a gate whose input barely moves): rsqrt −1/(√x√r(√x + √r)), sqrt
+    1/(√x + √r), reciprocal −1/(xr), square x + r; with Δ = x − r and t(h) = tanh(h)/h (1 at 0),
+    sigmoid ½·t(Δ/2)·(σ(x)σ(−r) + σ(−x)σ(r)), tanh 2·t(Δ)·(σ(2x)σ(−2r) + σ(−2x)σ(2r)).
     """
 
     name = "rescale"

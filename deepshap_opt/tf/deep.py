@@ -132,9 +132,30 @@ _EXPM1_FORMS = {
 }
 
 
-#: rescale multipliers of power functions in closed form, (f(x) − f(r)) / (x − r) without the difference (float32
-#: loses its digits when x and r are close: the variance of a narrow LayerNorm); exact, no threshold needed
+def _tanh_ratio(h):
+    """tanh(h) / h, 1 at h = 0."""
+    zero = tf.equal(h, 0)
+    return tf.where(zero, tf.ones_like(h), tf.tanh(h) / tf.where(zero, tf.ones_like(h), h))
+
+
+def _sigmoid_secant(x, r):
+    # σ(x) − σ(r) = tanh(Δ/2) · (σ(x)σ(−r) + σ(−x)σ(r)), Δ = x − r: no difference of two rounded values
+    s = tf.sigmoid(x) * tf.sigmoid(-r) + tf.sigmoid(-x) * tf.sigmoid(r)
+    return 0.5 * _tanh_ratio(0.5 * (x - r)) * s
+
+
+def _tanh_secant(x, r):
+    # tanh x − tanh r = tanh(Δ) · (1 − tanh x tanh r), 1 − tanh x tanh r = 2(σ(2x)σ(−2r) + σ(−2x)σ(2r))
+    s = tf.sigmoid(2 * x) * tf.sigmoid(-2 * r) + tf.sigmoid(-2 * x) * tf.sigmoid(2 * r)
+    return 2 * _tanh_ratio(x - r) * s
+
+
+#: rescale multipliers in closed form, (f(x) − f(r)) / (x − r) without the difference of f's values (float32
+#: loses its digits when x and r are close: the variance of a narrow LayerNorm, a gate whose input barely
+#: moves); exact algebra, no threshold needed (Δ = 0 gives f'(x))
 _CLOSED_FORM_SECANT = {
+    "Sigmoid": _sigmoid_secant,
+    "Tanh": _tanh_secant,
     "Rsqrt": lambda x, r: -(tf.math.rsqrt(x) * tf.math.rsqrt(r)) / (tf.sqrt(x) + tf.sqrt(r)),
     "Sqrt": lambda x, r: 1 / (tf.sqrt(x) + tf.sqrt(r)),
     "Reciprocal": lambda x, r: -1 / (x * r),
@@ -148,6 +169,29 @@ class _Pairs:
 
     def __init__(self, n, m):
         self.n, self.m = n, m
+        #: the names under which this trace's tf.custom_gradient rules registered their gradient functions
+        self.gradient_names: list[str] = []
+
+    def track(self, out):
+        """Record the gradient registration of a rule's output (the IdentityN tf.custom_gradient makes)."""
+        self.gradient_names.append(out.op.get_attr("_gradient_op_type").decode())
+        return out
+
+    def forget_gradients(self):
+        """Drop this trace's entries from TF's process-global gradient registry.
+
+        In graph mode ``tf.custom_gradient`` registers each rule's gradient function under a fresh name
+        (``CustomGradient-N``) and never removes it; the function is a closure over the explainer, so the
+        explainer, its model and its traced graphs would live as long as the process. The entries are read
+        only by the ``tf.gradients`` call of the same trace, which has run when this is called.
+        """
+        from tensorflow.python.framework import ops as tf_ops
+
+        entries = getattr(getattr(tf_ops, "_gradient_registry", None), "_registry", None)
+        if isinstance(entries, dict):       # a private TF structure: left alone if it ever changes shape
+            for name in self.gradient_names:
+                entries.pop(name, None)
+        self.gradient_names.clear()
 
     @staticmethod
     def _rest(t, k):
@@ -251,7 +295,7 @@ class DeepExplainer(ExplainerBase):
             mdl, layer = model
             if not isinstance(layer, keras.layers.Layer):
                 raise TypeError(f"(model, layer): the second item must be a keras Layer, got {type(layer).__name__}")
-            if not any(l is layer for l in mdl._flatten_layers(include_self=False)):
+            if not any(lyr is layer for lyr in mdl._flatten_layers(include_self=False)):
                 raise ValueError(f"layer {layer.name!r} is not a layer of model {mdl.name!r}")
             self._layer = layer
             return mdl
@@ -321,7 +365,8 @@ class DeepExplainer(ExplainerBase):
             fn = tf.function(lambda *xs: self._call_model(xs), autograph=False)
             cf = fn.get_concrete_function(*specs)
         except ValueError as e:
-            raise ValueError(f"the model cannot be called on inputs of shape {[tuple(s.shape) for s in specs]}: {e}") from e
+            shapes = [tuple(s.shape) for s in specs]
+            raise ValueError(f"the model cannot be called on inputs of shape {shapes}: {e}") from e
         finally:
             if layer is not None:
                 if had_own:
@@ -493,12 +538,15 @@ class DeepExplainer(ExplainerBase):
         for t, x in zip(prog.model_inputs, self._surrogate_inputs(n * m)):
             if t.ref() not in feeds:
                 feeds[t.ref()] = x
-        env = prog.run(feeds, ops=self._surrogate_ops, hooks=hooks)
-        out = prog.value(env, prog.output)
-        if self._vector_out:
-            out = out[:, None]
-        seed = tf.one_hot(tf.repeat(idx, m), self.num_outputs, dtype=out.dtype)
-        grads = tf.gradients(out, zs, grad_ys=seed)
+        try:
+            env = prog.run(feeds, ops=self._surrogate_ops, hooks=hooks)
+            out = prog.value(env, prog.output)
+            if self._vector_out:
+                out = out[:, None]
+            seed = tf.one_hot(tf.repeat(idx, m), self.num_outputs, dtype=out.dtype)
+            grads = tf.gradients(out, zs, grad_ys=seed)
+        finally:
+            ctx.forget_gradients()
         phis = []
         for g, x, r, z in zip(grads, expl_x, expl_r, zs):
             if g is None:
@@ -573,7 +621,7 @@ class DeepExplainer(ExplainerBase):
                                                              ctx.br(yr), ctx.bx(dfx)))
                 return tf.identity(z), grad
 
-            env[site.output.ref()] = rule(x)
+            env[site.output.ref()] = ctx.track(rule(x))
         return hook
 
     def _maxlike_hook(self, site, xin_f, rin_f, ctx):
@@ -607,7 +655,7 @@ class DeepExplainer(ExplainerBase):
                         return ctx.flat(_rules.divide_routed(ctx.unflat(routed), ctx.bx(xin), ctx.br(rin)))
                 return self._zeros_out(site, ctx, lambda: apply(z)), grad
 
-            env[site.output.ref()] = rule(x)
+            env[site.output.ref()] = ctx.track(rule(x))
         return hook
 
     def _softmax_hook(self, site, zx_f, zr_f, ctx):
@@ -630,7 +678,7 @@ class DeepExplainer(ExplainerBase):
             def rule(z):
                 return tf.identity(z), grad_fn
 
-            env[site.output.ref()] = rule(x)
+            env[site.output.ref()] = ctx.track(rule(x))
         return hook
 
     def _clone_with(self, env, site, override):
@@ -667,7 +715,7 @@ class DeepExplainer(ExplainerBase):
                         return ga, gb
                 return self._zeros_out(site, ctx, lambda: self._clone_with(env, site, {pa: a_, pb: b_})), grad
 
-            env[site.output.ref()] = rule(a, b)
+            env[site.output.ref()] = ctx.track(rule(a, b))
         return hook
 
     # -- the public computation -----------------------------------------------------------------------

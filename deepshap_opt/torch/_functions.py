@@ -80,19 +80,46 @@ def _relu_times(g, x, r_in):
 
 #: activations whose f(r) the rule kernel recomputes itself from r (fused: inside its one pass over the
 #: n·M rows, no (M, ...) temporary per site and chunk)
-IN_KERNEL_ACTIVATION = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "silu": torch.nn.functional.silu}
+IN_KERNEL_ACTIVATION = {"silu": torch.nn.functional.silu}
 
 
-#: rescale multipliers of power functions in closed form, m(x, r) = (f(x) − f(r)) / (x − r) rewritten without
-#: the difference (float32 loses the difference's digits when Δ is small against x: the variance of a narrow
-#: LayerNorm); exact algebra, so no threshold is needed where x and r are close
+def _tanh_ratio(h):
+    """tanh(h) / h, 1 at h = 0 (accurate for small h: tanh is)."""
+    return torch.where(h == 0, torch.ones_like(h), torch.tanh(h) / torch.where(h == 0, torch.ones_like(h), h))
+
+
+def _sigmoid_secant(x, r):
+    # σ(x) − σ(r) = tanh(Δ/2) · (σ(x)σ(−r) + σ(−x)σ(r)), Δ = x − r: the difference of two rounded values near
+    # each other (a sigmoid gate whose input barely moves) becomes a product of accurate terms
+    s = torch.sigmoid(x) * torch.sigmoid(-r) + torch.sigmoid(-x) * torch.sigmoid(r)
+    return 0.5 * _tanh_ratio(0.5 * (x - r)) * s
+
+
+def _tanh_secant(x, r):
+    # tanh x − tanh r = tanh(Δ) · (1 − tanh x tanh r), and 1 − tanh x tanh r = 2(σ(2x)σ(−2r) + σ(−2x)σ(2r))
+    s = torch.sigmoid(2 * x) * torch.sigmoid(-2 * r) + torch.sigmoid(-2 * x) * torch.sigmoid(2 * r)
+    return 2 * _tanh_ratio(x - r) * s
+
+
+#: rescale multipliers in closed form, m(x, r) = (f(x) − f(r)) / (x − r) rewritten without the difference of
+#: f's values (float32 loses that difference's digits when Δ is small against x: the variance of a narrow
+#: LayerNorm, a sigmoid gate whose input barely moves); exact algebra, so no threshold is needed where x and r
+#: are close (at Δ = 0 each gives f'(x))
 CLOSED_FORM_SECANT = {
     # 1/√x − 1/√r = (r − x) / (√x √r (√x + √r))
     "rsqrt": lambda x, r: -(torch.rsqrt(x) * torch.rsqrt(r)) / (torch.sqrt(x) + torch.sqrt(r)),
     "sqrt": lambda x, r: 1 / (torch.sqrt(x) + torch.sqrt(r)),
     "reciprocal": lambda x, r: -1 / (x * r),
     "square": lambda x, r: x + r,
+    "sigmoid": _sigmoid_secant,
+    "tanh": _tanh_secant,
 }
+
+
+def _secant_times(m):
+    def kernel(g, x, r_in):
+        return g * m(x, r_in)
+    return kernel
 
 
 def _activation_times(f):
@@ -106,7 +133,8 @@ class RuleKernels:
     instead of ~8; the first compile takes a minute, later processes reuse inductor's on-disk cache)."""
 
     EAGER = {"rescale_times": _rescale_times, "relu_times": _relu_times,
-             **{f"{op}_times": _activation_times(f) for op, f in IN_KERNEL_ACTIVATION.items()}}
+             **{f"{op}_times": _activation_times(f) for op, f in IN_KERNEL_ACTIVATION.items()},
+             **{f"{op}_secant_times": _secant_times(m) for op, m in CLOSED_FORM_SECANT.items()}}
     FUSED: dict = {}
 
     @classmethod
@@ -265,7 +293,7 @@ class Rescale(torch.autograd.Function):
         elif ctx.op in IN_KERNEL_ACTIVATION:
             grad = Kernel.apply(f"{ctx.op}_times", fuse, g, ctx.x, ctx.y, ctx.dfx, r_in)
         elif ctx.op in CLOSED_FORM_SECANT:
-            grad = g * CLOSED_FORM_SECANT[ctx.op](ctx.x, r_in)
+            grad = Kernel.apply(f"{ctx.op}_secant_times", fuse, g, ctx.x, r_in)
         else:
             grad = Kernel.apply("rescale_times", fuse, g, ctx.x, ctx.y, ctx.dfx, r_in, ctx.fn(r_in))
         return grad, None, None, None

@@ -1,5 +1,6 @@
-"""Rsqrt, Sqrt, Reciprocal and Square rescale multipliers in closed form: float32 keeps its digits when x and
-r are close (the variance of a narrow LayerNorm), where (f(x) − f(r)) / (x − r) would lose them."""
+"""Rsqrt, Sqrt, Reciprocal, Square, Sigmoid and Tanh rescale multipliers in closed form: float32 keeps its
+digits when x and r are close (the variance of a narrow LayerNorm, a gate whose input barely moves), where
+(f(x) − f(r)) / (x − r) would lose them."""
 
 import keras
 import numpy as np
@@ -11,12 +12,15 @@ from deepshap_opt.tf.deep import _CLOSED_FORM_SECANT
 from deepshap_opt.rules.reference import rescale_multiplier
 
 OPS = {"rsqrt": ("Rsqrt", keras.ops.rsqrt), "sqrt": ("Sqrt", keras.ops.sqrt),
-       "reciprocal": ("Reciprocal", keras.ops.reciprocal), "square": ("Square", keras.ops.square)}
+       "reciprocal": ("Reciprocal", keras.ops.reciprocal), "square": ("Square", keras.ops.square),
+       "sigmoid": ("Sigmoid", keras.ops.sigmoid), "tanh": ("Tanh", keras.ops.tanh)}
 
 
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_secant_equals_reference(op):
     x, r = np.array([0.3, 2.0, 5.0]), np.array([0.7, 2.0 + 1e-3, 1.5])
+    if op in ("sigmoid", "tanh"):          # defined everywhere: negative inputs and Δ = 0 too
+        x, r = np.append(x, [-3.0, 0.0, -0.5, 40.0]), np.append(r, [-3.0 - 1e-3, 0.0, 0.5, -40.0])
     got = _CLOSED_FORM_SECANT[OPS[op][0]](tf.constant(x), tf.constant(r)).numpy()
     np.testing.assert_allclose(got, rescale_multiplier(op, x, r), rtol=1e-9)
 

@@ -343,3 +343,40 @@ def test_threads_share_an_explainer_and_get_the_serial_result(model):
     results = run_in_threads(lambda i: (e if i % 3 else other).shap_values(X))
     for i, r in enumerate(results):
         np.testing.assert_array_equal(r, expected if i % 3 else expected_other)
+
+
+def _every_hook_kind_model():
+    """Rescale (tanh, relu), max-like (MaxPooling1D), softmax and a two-input product: every rule hook."""
+    keras.utils.set_random_seed(21)
+    inp = keras.Input((6,))
+    a = L.Dense(6, activation="tanh")(inp)
+    b = L.Dense(6, activation="relu")(inp)
+    h = L.Multiply()([a, b])
+    h = L.Flatten()(L.MaxPooling1D(2)(L.Reshape((6, 1))(h)))
+    return keras.Model(inp, L.Dense(3, activation="softmax")(h))
+
+
+def test_explainer_is_freed_and_leaves_no_gradient_registrations():
+    # tf.custom_gradient registers every rule's gradient function in TF's process-global registry; those
+    # closures hold the explainer, so before the fix an explainer (with its model and traced graphs) lived
+    # as long as the process (docs/reliability.md, "Memory")
+    import gc
+    import weakref
+
+    from tensorflow.python.framework import ops as tf_ops
+
+    registry = tf_ops._gradient_registry._registry
+    model = _every_hook_kind_model()
+    rng = np.random.default_rng(22)
+    bg, x = rng.normal(size=(5, 6)).astype("float32"), rng.normal(size=(2, 6)).astype("float32")
+    before = {k for k in registry if k.startswith("CustomGradient-")}
+    e = DeepExplainer(model, bg)
+    sv = e.shap_values(x)                                   # traces the backward (all four hook kinds)
+    e.shap_values(x[:1], ranked_outputs=1)                  # another chunk shape: a second trace
+    total = np.sum(sv, axis=1)
+    np.testing.assert_allclose(total, _target(model, x, bg), atol=1e-5)
+    assert {k for k in registry if k.startswith("CustomGradient-")} == before
+    ref = weakref.ref(e)
+    del e
+    gc.collect()
+    assert ref() is None
