@@ -1,10 +1,9 @@
 """The nightly fuzz target (``tox -e fuzz``): the property tests at 25x the CI counts, split over processes.
 
-Why split: a process that explains many Keras models grows by ~7 MB an example, because the TF backend's
-``tf.custom_gradient`` functions are registered in TensorFlow's global gradient registry on every trace and
-never unregistered, and each one's closure holds the explainer, its model and its traced graphs (see
-``docs/reliability.md``). 5,000 three-backend examples in one process would need ~30 GB. So every property
-that goes through Keras runs in slices of at most ``--slice`` examples, one pytest process per slice.
+Why split: a process that explained many Keras models used to grow by ~7 MB an example (the TF backend's
+``tf.custom_gradient`` registrations held every explainer; fixed, see ``docs/reliability.md``). Slices still
+keep a failing slice's replay short and let ``--jobs`` processes share the work, so every property that goes
+through Keras runs in slices of at most ``--slice`` examples, one pytest process per slice.
 
 Reproducible: every process runs with ``DEEPSHAP_FUZZ_RANDOM=1`` (hypothesis' derandomization off) and its own
 ``--hypothesis-seed``, ``--seed + the slice's index`` (slices of different properties have disjoint indices),
@@ -240,8 +239,7 @@ def main(argv=None):
                     help="DEEPSHAP_FUZZ_EXAMPLES of the whole run (the three-backend MLP property's count; the "
                     "others run their fraction of it, as in CI). Default: $DEEPSHAP_FUZZ_EXAMPLES or 5000")
     ap.add_argument("--slice", type=int, default=250,
-                    help="most examples of a Keras MLP property in one process, half that for the CNN one (memory: "
-                    "~1 GB + 7 MB an MLP example)")
+                    help="most examples of a Keras MLP property in one process, half that for the CNN one")
     ap.add_argument("--jobs", type=int, default=2, help="processes at once")
     ap.add_argument("--seed", type=int, default=20261123, help="base hypothesis seed")
     ap.add_argument("--only", action="append", help="run only the properties whose name contains this")
