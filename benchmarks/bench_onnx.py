@@ -72,13 +72,16 @@ def case_export(args):
     import deepshap_opt.onnx as dso
 
     kw = {} if args.onnx_budget_mb < 0 else {"memory_budget": int(args.onnx_budget_mb * 2**20) or None}
+    kw["cache"] = args.onnx_cache
     t0 = time.perf_counter()
     dso.export(model, bg, args.file, outputs="top1", check=False, **kw)
     export_s = time.perf_counter() - t0
     import onnx
 
     meta = {p.key: p.value for p in onnx.load(args.file, load_external_data=False).metadata_props}
-    return {"export_s": export_s, "file_mb": os.path.getsize(args.file) / 2**20,
+    data = args.file + ".data"              # export's external data file (initializers over protobuf's 2 GB)
+    return {"export_s": export_s, "file_mb": (os.path.getsize(args.file) + (os.path.getsize(data) if os.path.exists(
+        data) else 0)) / 2**20, "external_data": os.path.exists(data),
             "cache": meta.get("deepshap_opt.cache")}
 
 
@@ -173,7 +176,8 @@ def spawn(case, model, data, file, a) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--model", model, "--data", data,
            "--file", file, "--threads", str(a.threads), "--repeats", str(a.repeats), "--warmup", str(a.warmup),
            "--classes", str(a.classes), "--floor-chunk", str(a.floor_chunk), "--onnx-chunk", str(a.onnx_chunk),
-           "--onnx-budget-mb", str(a.onnx_budget_mb)] + (["--onnx-no-mem-pattern"] if a.onnx_no_mem_pattern else [])
+           "--onnx-budget-mb", str(a.onnx_budget_mb), "--onnx-cache", a.onnx_cache] + (
+               ["--onnx-no-mem-pattern"] if a.onnx_no_mem_pattern else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONWARNINGS="ignore")
     lock = None
     if a.lock:                      # one heavy case at a time across processes sharing the machine
@@ -240,6 +244,8 @@ def main():
     ap.add_argument("--onnx-budget-mb", type=float, default=-1,
                     help="export's memory_budget in MiB (the explanation's Loop over explicand chunks; 0: no "
                          "Loop, all N x M rows in one run; default: export's default)")
+    ap.add_argument("--onnx-cache", default="auto", choices=["auto", "embed", "recompute", "runtime"],
+                    help="export's cache mode (default: auto, export's default)")
     ap.add_argument("--onnx-no-mem-pattern", action="store_true",
                     help="onnx: SessionOptions.enable_mem_pattern = False. With the pattern (the default), from the "
                          "second call on onnxruntime allocates the outer graph's planned block anew while its "
@@ -301,8 +307,9 @@ def main():
             row[meth] = spawn(meth, model, data, file, a)
             print(model, meth, row[meth], flush=True)
         results.append(row)
-        if os.path.exists(file):
-            os.remove(file)
+        for fn in (file, file + ".data"):
+            if os.path.exists(fn):
+                os.remove(fn)
     print()
     print(table(results, a))
     if a.out:

@@ -60,7 +60,9 @@ def export(model, background, path, *, outputs="top1", opset=None, cache="auto",
         ``"runtime"`` (the same copy, made to depend on the run's batch size so that no runtime can fold it:
         it runs in every call, and the session holds only the weights and the background) or ``"auto"``
         (embed while that adds at most 64 MB or half the weights' size, else recompute while the activations
-        are at most 3 GiB, else runtime).
+        are at most 2 GiB (folding them at load holds ~4x that), else embed: over protobuf's 2 GB the file's
+        initializers go to external data, which onnxruntime maps from disk). Only the activations the
+        backward rules read are cached (a ReLU's output is derived from its input's in the run).
     output_name: which graph output to explain (default: the first).
     memory_budget: bytes that one run of the explanation may hold (default 1 GiB; estimated as 16 × the
         largest activation per (explicand, output, reference) row). The explanation is written inside an ONNX

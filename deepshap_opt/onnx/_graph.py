@@ -34,14 +34,18 @@ EMBED_MAX_BYTES = 64 << 20
 #: ... or at most this fraction of the model's own weights
 EMBED_MAX_FRACTION = 0.5
 #: auto cache, above the embedding limits: "recompute" (onnxruntime folds the references' branch into
-#: constants at session load) while the cached activations are at most this many bytes, else "runtime" (the
-#: branch runs in every call; the session holds only the weights and the background). A folded session holds
-#: ~2.8x the cache at its peak (ResNet50 at 224x224, M=32: 2.3 GiB of cache, 6.5 GB peak after load; VGG19,
-#: 3.5 GiB, and DenseNet201, 5.9 GiB, passed 10,000 MiB while loading)
-FOLD_MAX_BYTES = 3 << 30
+#: constants at session load) while the cached activations are at most this many bytes. Folding holds every
+#: activation of the references' forward at once, ~4x the cache at the load's peak (with the ReLU outputs
+#: derived, not cached: VGG19 at 224x224, M=32, 1.8 GiB of cache, 7.0 GB after load; DenseNet201, 2.9 GiB,
+#: 12.6 GB). Above it: the ``big_cache`` mode, "embed" for a file (the activations computed at export, stored
+#: as external data that onnxruntime maps from disk) or "runtime" for an in-memory session (the branch runs in
+#: every call; the session holds only the weights and the background)
+FOLD_MAX_BYTES = 2 << 30
 _CACHE_MODES = ("auto", "embed", "recompute", "runtime")
 #: the references are run through the model in chunks of this many rows when their activations are cached
 REF_CHUNK = 64
+#: ... and in chunks holding at most this many bytes of the activations asked for (embed: bounded export memory)
+REF_CHUNK_BYTES = 256 << 20
 #: export default: one run of the explanation (one Loop iteration) holds at most this many bytes (estimated)
 DEFAULT_MEMORY_BUDGET = 1 << 30
 #: live tensors of the largest activation's size assumed per (explicand, output, reference) row
@@ -233,7 +237,11 @@ class ExplanationBuilder:
     """Writes the explanation graph. See the module docstring for the layout."""
 
     def __init__(self, model: onnx.ModelProto, background: list[np.ndarray], outputs="top1", cache="auto",
-                 output_name: str | None = None, memory_budget: int | None = DEFAULT_MEMORY_BUDGET):
+                 output_name: str | None = None, memory_budget: int | None = DEFAULT_MEMORY_BUDGET,
+                 big_cache: str = "embed"):
+        if big_cache not in ("embed", "runtime"):
+            raise ValueError(f"big_cache must be 'embed' or 'runtime', got {big_cache!r}")
+        self.big_cache = big_cache
         if memory_budget is not None and (isinstance(memory_budget, bool) or
                                           not isinstance(memory_budget, (int, np.integer)) or memory_budget < 1):
             raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
@@ -262,6 +270,11 @@ class ExplanationBuilder:
         self.b = Builder(self.opset, prefix="dsx", taken=taken)
         self._x4: dict[str, str] = {}
         self._r4: dict[str, str] = {}      # tensor -> placeholder name of its (1,1,M,*rest) reference value
+        self._r4d: dict[str, str] = {}     # tensor -> its reference value derived in the run (_derived_ref)
+        self._kernels: dict[str, np.ndarray] = {}   # the backward's rearranged Conv kernels (Loop body)
+        self._rt_zero: dict[np.dtype, str] = {}
+        self._r4d_const: dict[str, str] = {}  # derived tensor -> the ReLU input it is derived from
+        self._r4c: dict[str, str] = {}       # derived tensor -> Relu(R4(input)), no run-time operand (R4_const)
         self._to4: dict[tuple, str] = {}
         self.maxpool_idx: dict[int, str] = {}
         self.fused: dict[int, tuple[str, str]] = {}
@@ -323,9 +336,50 @@ class ExplanationBuilder:
         return self._x4[t]
 
     def R4(self, t: str) -> str:
+        """The references' value of t, (1, 1, M, *rest): a cached tensor (a placeholder filled by _assemble), or
+        for a ReLU's output, Max(R4(its input), 0) computed in the run (see _derived_ref)."""
+        d = self._derived_ref(t)
+        if d is not None:
+            return d
         if t not in self._r4:
             self._r4[t] = self.b.fresh("ref")
         return self._r4[t]
+
+    def _derived_ref(self, t: str) -> str | None:
+        """R4 of a ReLU's output, derived from R4 of its input instead of being cached: the rules that read both
+        (the ReLU rescale, a max-pool after a ReLU) would otherwise cache two tensors of the same size. The Max
+        reads a zero computed from the run's batch size, so that no runtime folds it into a constant at load
+        (that would cache it again): it runs on the M reference rows where it is used (per Loop iteration),
+        a small cost beside the rules' passes over the (explicand, output, reference) rows."""
+        if t in self._r4d:
+            return self._r4d[t]
+        p = self.plan
+        j = p.producer.get(t)
+        if j is None or t in self._r4 or p.nodes[j].op_type != "Relu":
+            return None
+        x = p.nodes[j].input[0]
+        if not (x in p.var and p.batched.get(x) and p.batched.get(t) and x not in p.merged and t not in p.merged
+                and p.rest[x] == p.rest[t] and p.dtype[x] == p.dtype[t]):
+            return None
+        dt = np.dtype(p.dtype[t])
+        if dt not in self._rt_zero:
+            self._rt_zero[dt] = self.b.cast(self.b.op("Min", [self.Nt, self.b.i64([0])]),
+                                            helper.np_dtype_to_tensor_dtype(dt))      # (1,): 0 at run time
+        self._r4d[t] = self.b.op("Max", [self.R4(x), self._rt_zero[dt]], hint="ref_relu")
+        self._r4d_const[t] = x
+        return self._r4d[t]
+
+    def R4_const(self, t: str) -> str:
+        """R4(t) for a computation on the references alone (the max-pool rule's pooling of the references): a
+        derived ReLU output as Relu(R4(input)), which a runtime folds into a constant at load with what reads it
+        (in the outer graph, outside the Loop), so that the pooled values and indexes are not recomputed in every
+        iteration (a MaxPool with indices is slow in onnxruntime)."""
+        r = self.R4(t)
+        if t not in self._r4d_const:
+            return r
+        if t not in self._r4c:
+            self._r4c[t] = self.b.op("Relu", [self.R4(self._r4d_const[t])], hint="ref_relu_c")
+        return self._r4c[t]
 
     def rest(self, t):
         return self.plan.rest[t]
@@ -461,18 +515,12 @@ class ExplanationBuilder:
         if cache == "auto":
             extra = self._cache_bytes()
             cache = ("embed" if (extra <= EMBED_MAX_BYTES or extra <= EMBED_MAX_FRACTION * p.weight_bytes()) else
-                     "recompute" if extra <= FOLD_MAX_BYTES else "runtime")
+                     "recompute" if extra <= FOLD_MAX_BYTES else self.big_cache)
         self.cache_used = cache
         ref_nodes, ref_inits = [], []
         bgmap = dict(zip(p.inputs, self.bg))
         if cache == "embed":
-            wanted = [t for t in self._r4 if t not in p.inputs]
-            vals = self._run_references(wanted) if wanted else {}
-            vals.update({t: bgmap[t] for t in self._r4 if t in p.inputs})
-            for t, ph in self._r4.items():
-                v = np.asarray(vals[t])
-                v = v.reshape((1, 1, self.M) + tuple(p.rest[t])) if p.batched.get(t) else v[None, None]
-                ref_inits.append(numpy_helper.from_array(np.ascontiguousarray(v), ph))
+            pass            # the activations are computed and attached to the finished model (_attach_references)
         else:
             rb = Builder(self.opset, prefix="dsr", taken=b._taken)
             ren = {}
@@ -539,12 +587,14 @@ class ExplanationBuilder:
                 [helper.make_tensor_value_info("target", TensorProto.INT64, ["N", "S"])] if self.mode == "target"
                 else []),
             outs + list(new_outputs),
-            initializer=list(g.initializer) + ref_inits + b.inits + loop_inits)
+            initializer=list(g.initializer) + ref_inits + self._used(b.inits, nodes) + loop_inits)
         # Constant-node / sparse initializers are kept as nodes; keep sparse ones
         graph.sparse_initializer.extend(g.sparse_initializer)
         out = helper.make_model(graph, opset_imports=list(p.model.opset_import), producer_name="deepshap_opt",
                                 ir_version=p.model.ir_version)
         out.functions.extend(p.model.functions)
+        if cache == "embed":
+            self._attach_references(out.graph)
         ev = self.expected_value
         helper.set_model_props(out, {
             "deepshap_opt.expected_value": ",".join(repr(float(v)) for v in ev),
@@ -555,6 +605,17 @@ class ExplanationBuilder:
             "deepshap_opt.rows_per_run": "all" if self.rows_per_run is None else str(self.rows_per_run),
         })
         return _toposort(out)
+
+    @staticmethod
+    def _used(inits, nodes) -> list:
+        """The backward's initializers that some node of the graph (or of a subgraph) reads: the kernels copied
+        into the Loop body are not kept in the outer graph too."""
+        read = set()
+        for n in nodes:
+            read.update(n.input)
+            if n.op_type in ("Loop", "If", "Scan"):
+                read |= subgraph_refs(n)
+        return [t for t in inits if t.name in read]
 
     def row_bytes(self) -> int:
         """Estimated bytes of one (explicand, output, reference) row of the backward pass."""
@@ -587,9 +648,18 @@ class ExplanationBuilder:
             opset=self.opset, taken=taken, fwd_nodes=fwd, dep=p.dep, inputs=inputs, back_nodes=self.b.nodes,
             final_outputs=finals, model_outputs=model_outs, model_outputs_from_body=from_body,
             rows_per_run=self.rows_per_run, M=self.M, S=self.S, target="target" if self.mode == "target" else None,
-            const_value=self._small_const)
+            const_value=self._small_const, weight_value=self._kernel_value)
         outer_fwd = [n for n in fwd if not any(t in p.dep for t in n.input if t)] if from_body else list(p.nodes)
         return outer_fwd + ref_nodes + nodes, inits
+
+    def _kernel_value(self, name: str):
+        """The value of a constant Conv kernel: a model weight, or one of the backward's rearranged kernels."""
+        if name in self._kernels:
+            return self._kernels[name]
+        try:
+            return self.plan.const(name)
+        except KeyError:
+            return None
 
     def _small_const(self, name: str):
         p = self.plan
@@ -598,6 +668,20 @@ class ExplanationBuilder:
         except KeyError:
             return None
         return v if v.size <= 4096 else None
+
+    def _attach_references(self, graph) -> None:
+        """cache="embed": the references' activations as initializers of the finished graph, appended one at a
+        time (the export's memory holds the cache about once, not once per copy of a graph under construction)."""
+        p = self.plan
+        bgmap = dict(zip(p.inputs, self.bg))
+        wanted = [t for t in self._r4 if t not in p.inputs]
+        vals = self._run_references(wanted) if wanted else {}
+        vals.update({t: bgmap[t] for t in self._r4 if t in p.inputs})
+        for t, ph in self._r4.items():
+            v = np.asarray(vals.pop(t))
+            v = v.reshape((1, 1, self.M) + tuple(p.rest[t])) if p.batched.get(t) else v[None, None]
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(v), ph))
+            del v
 
     def _run_references(self, names: list[str]) -> dict[str, np.ndarray]:
         import onnxruntime as ort
@@ -611,10 +695,21 @@ class ExplanationBuilder:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         sess = ort.InferenceSession(probe.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        parts = [sess.run(names, dict(zip(p.inputs, [b[s:s + REF_CHUNK] for b in self.bg])))
-                 for s in range(0, self.M, REF_CHUNK)]
-        return {n: np.concatenate([r[j] for r in parts]) if p.batched.get(n) else parts[0][j]
-                for j, n in enumerate(names)}
+        row = sum(int(np.prod(p.rest[t], dtype=np.int64)) * np.dtype(p.dtype[t]).itemsize
+                  for t in names if p.batched.get(t))
+        chunk = max(1, min(REF_CHUNK, REF_CHUNK_BYTES // max(row, 1)))
+        out: dict[str, np.ndarray] = {}
+        for s in range(0, self.M, chunk):
+            res = sess.run(names, dict(zip(p.inputs, [b[s:s + chunk] for b in self.bg])))
+            for n, r in zip(names, res):
+                if not p.batched.get(n):
+                    out.setdefault(n, r)
+                    continue
+                if n not in out:
+                    out[n] = np.empty((self.M, *r.shape[1:]), r.dtype)
+                out[n][s:s + len(r)] = r
+            del res
+        return out
 
     @property
     def expected_value(self) -> np.ndarray:
@@ -1024,11 +1119,20 @@ class ExplanationBuilder:
             qb = [(kshape[i] - 1) * dil[i] - pb[i] for i in range(nd)]
             qe = [in_sp[i] - out_sp[i] + (kshape[i] - 1) * dil[i] - qb[i] for i in range(nd)]
             if min(qb + qe) >= 0:
-                # the kernel is rearranged in-graph from the model's own weight (folded at load time by
-                # onnxruntime), so the file does not store the weights twice
                 cout, cin_g = Wv.shape[0], Wv.shape[1]
                 cout_g = cout // group
                 ks = list(Wv.shape[2:])
+                if self.memory_budget is not None:
+                    # in the Loop body the kernel must be the body's own initializer (see _loop.local_kernel):
+                    # rearranged here, stored in the body (the file holds the conv weights twice)
+                    k = Wv.reshape([group, cout_g, cin_g, *ks]).transpose([0, 2, 1] + list(range(3, 3 + nd)))
+                    k = k.reshape([group * cin_g, cout_g, *ks])[(Ellipsis, *([slice(None, None, -1)] * nd))]
+                    wt = b.const(np.ascontiguousarray(k), hint="kernel_t")
+                    self._kernels[wt] = k
+                    return {x: b.op("Conv", [G, wt], strides=[1] * nd, pads=qb + qe,
+                                    dilations=dil, group=group, kernel_shape=kshape)}
+                # the kernel is rearranged in-graph from the model's own weight (folded at load time by
+                # onnxruntime), so the file does not store the weights twice
                 wt = b.reshape(w, [group, cout_g, cin_g, *ks])
                 wt = b.transpose(wt, [0, 2, 1] + list(range(3, 3 + nd)))          # (g, cin_g, cout_g, *k)
                 wt = b.reshape(wt, [group * cin_g, cout_g, *ks])
@@ -1161,7 +1265,7 @@ class ExplanationBuilder:
         ix = b.op("Mod", [ix, hw_c])
         ix4 = b.reshape(ix, [-1, 1, 1, C, ohw])                                     # (N,1,1,C,ohw)
         # reference argmax: MaxPool on the references (constant; folded at load time)
-        rflat = b.reshape(self.R4(x), [self.M, *rest_in])
+        rflat = b.reshape(self.R4_const(x), [self.M, *rest_in])
         ry, rix = b.op("MaxPool", [rflat], n_out=2, **A)
         rix4 = b.reshape(b.op("Mod", [rix, hw_c]), [1, 1, self.M, C, ohw])
         yr4 = b.reshape(ry, [1, 1, self.M, C, ohw])

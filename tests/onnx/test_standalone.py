@@ -194,7 +194,8 @@ def _cache_bytes_of(model, bg) -> int:
 
 
 def test_auto_cache_rule(monkeypatch, exported):
-    """auto: embed while small, fold ("recompute") while at most FOLD_MAX_BYTES, else "runtime"."""
+    """auto: embed while small, fold ("recompute") while at most FOLD_MAX_BYTES, else embed for a file and
+    "runtime" for DeepExplainer's in-memory sessions."""
     from deepshap_opt.onnx import _graph
 
     model, bg, _X, _path, _d = exported
@@ -206,7 +207,8 @@ def test_auto_cache_rule(monkeypatch, exported):
     monkeypatch.setattr(_graph, "EMBED_MAX_FRACTION", 0.0)
     assert meta(dso.build(model, bg, cache="auto")) == "recompute"
     monkeypatch.setattr(_graph, "FOLD_MAX_BYTES", 0)
-    assert meta(dso.build(model, bg, cache="auto")) == "runtime"
+    assert meta(dso.build(model, bg, cache="auto")) == "embed"
+    assert dso.DeepExplainer(model, bg).cache == "runtime"
     with pytest.raises(ValueError, match="cache must be"):
         dso.build(model, bg, cache="fold")
 
@@ -232,6 +234,13 @@ def test_deep_explainer_drop_in(exported):
     np.testing.assert_allclose(e3.shap_values(X.numpy()), v, atol=1e-6)
     expl = e(X[:2])
     assert expl.values.shape == (2, 3, 16, 16, 5) and expl.base_values.shape == (2, 5)
+    # its default session options turn onnxruntime's memory pattern off (the second run's doubled peak with
+    # cache="runtime"); options the user gives are used as they are
+    import onnxruntime as ort
+
+    assert e._so.enable_mem_pattern is False
+    so = ort.SessionOptions()
+    assert dso.DeepExplainer(model, bg, session_options=so)._so.enable_mem_pattern is True
 
 
 def test_import_does_not_pull_frameworks():
@@ -297,3 +306,58 @@ def test_external_data_above_the_protobuf_limit(tmp_path, monkeypatch):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": X.numpy()})))
     assert out["shap_values"].shape == (2, 16, 1)
+
+
+class _VGGish(nn.Module):
+    """Conv → ReLU → Conv → ReLU → MaxPool → Linear: ReLU outputs read by the ReLU rule and by a max-pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.pool2 = nn.MaxPool2d(3, 2, 1)
+        self.fc = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x):
+        h = self.pool(torch.relu(self.c2(torch.relu(self.c1(x)))))
+        r = torch.relu(h)
+        return self.fc(torch.flatten(self.pool2(r) + 0.5 * r[:, :, ::2, ::2], 1))
+
+
+def test_relu_outputs_are_not_cached(tmp_path):
+    """The references' value of a ReLU's output is derived from its input's (Max(r, 0), computed in the run):
+    only the ReLU inputs are cached, "recompute" folds no ReLU output (nor a max-pool of the references) into a
+    constant at load, and the values equal the torch backend in every cache mode and with or without the Loop."""
+    from deepshap_opt.onnx._convert import load_model
+    from deepshap_opt.onnx._graph import ExplanationBuilder, prepare_model
+
+    torch.manual_seed(0)
+    model = _VGGish().eval()
+    bg = torch.randn(16, 3, 16, 16)
+    X = torch.randn(3, 3, 16, 16)
+    proto = prepare_model(load_model(model, [bg.numpy()], None), None)
+    b = ExplanationBuilder(proto, [bg.numpy()], outputs="topk:2", cache="recompute")
+    built = b.build()
+    relu_out = {n.output[0] for n in proto.graph.node if n.op_type == "Relu"}
+    relu_in = {n.input[0] for n in proto.graph.node if n.op_type == "Relu"}
+    assert len(relu_out) == 3 and set(b._r4d) == relu_out
+    assert not set(b._r4) & relu_out and set(b._r4) <= relu_in | {"input"}
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    folded = _optimized_initializer_bytes(built, tmp_path, "opt.onnx")
+    # besides the cache: the weights (the Loop body's own copies of the Conv kernels too), the background, and
+    # the references' pooled values (float32) and indexes (int64); the ReLU outputs would add 164 KB
+    pooled = 16 * (8 * 8 * 8 + 8 * 4 * 4) * (4 + 8)
+    relu_bytes = 16 * (2 * 8 * 16 * 16 + 8 * 8 * 8) * 4
+    assert b._cache_bytes() <= folded <= b._cache_bytes() + 3 * weights + bg.numel() * 4 + pooled + 32768
+    assert 3 * weights + 32768 < relu_bytes                    # the bound tells a cached ReLU output apart
+    TDE = torch_backend()
+    tv = np.asarray(TDE(model, bg).shap_values(X, ranked_outputs=2)[0]) if TDE is not None else None
+    for cache in ("embed", "recompute", "runtime"):
+        for budget in (None, 1):
+            out = run(dso.build(model, bg, outputs="topk:2", cache=cache, memory_budget=budget),
+                      {"input": X.numpy()})
+            err, sc = completeness_error(built, out)
+            assert err <= 1e-4 * sc, (cache, budget, err)
+            if tv is not None:
+                assert np.abs(out["shap_values"] - tv).max() <= 1e-4 * sc, (cache, budget)
