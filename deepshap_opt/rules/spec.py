@@ -81,7 +81,8 @@ class ShapleyPair(Rule):
     m_a = ½[(g(a_x,b_x) − g(a_r,b_x)) + (g(a_x,b_r) − g(a_r,b_r))] / Δa, symmetric for b; 0 where |Δ| < eps
     (eps = PAIR_EPS, in float64 PAIR_EPS_FLOAT64: see :func:`pair_eps`).
     m_a·Δa + m_b·Δb = g(a_x,b_x) − g(a_r,b_r). Broadcast operands: sum the contribution over the
-    broadcast axes.
+    broadcast axes. Division a / b in closed form (exact, no eps; float32 keeps its digits when Δ is small):
+    m_a = ½(1/b_x + 1/b_r), m_b = −½(a_x + a_r)/(b_x·b_r).
     """
 
     name = "shapley_pair"

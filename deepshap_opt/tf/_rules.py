@@ -90,6 +90,16 @@ def pair_multipliers(g2, a_x, a_r, b_x, b_r, eps: float | None = None):
     return m_a, m_b
 
 
+def div_pair_multipliers(a_x, a_r, b_x, b_r):
+    """(m_a, m_b) of spec.ShapleyPair for z = a / b in closed form, in the broadcast output shape:
+    m_a = ½(1/b_x + 1/b_r), m_b = −½(a_x + a_r)/(b_x·b_r) — the same split without differences of quotients
+    divided by Δ (float32 loses their digits when Δa or Δb is small), and with no threshold."""
+    zero = tf.zeros_like(a_x * b_r + a_r * b_x)
+    m_a = 0.5 * (1 / b_x + 1 / b_r) + zero
+    m_b = -0.5 * (a_x + a_r) / (b_x * b_r) + zero
+    return m_a, m_b
+
+
 MAXLIKE_EPS = MAXPOOL_EPS
 
 

@@ -707,8 +707,11 @@ class DeepExplainer(ExplainerBase):
                             def g2(p, q):
                                 return self._clone_with(env, site, {pa: p, pb: q})
 
-                            ma, mb = _rules.pair_multipliers(g2, ctx.bx(vx[0]), ctx.br(vr[0]), ctx.bx(vx[1]),
-                                                             ctx.br(vr[1]))
+                            ops = (ctx.bx(vx[0]), ctx.br(vr[0]), ctx.bx(vx[1]), ctx.br(vr[1]))
+                            if site.op.type in ("RealDiv", "Div") and (pa, pb) == (0, 1):
+                                ma, mb = _rules.div_pair_multipliers(*ops)     # a / b: closed form
+                            else:
+                                ma, mb = _rules.pair_multipliers(g2, *ops)
                             pa0, pb0 = tf.zeros_like(a_), tf.zeros_like(b_)
                             lin = pa0 * tf.stop_gradient(ctx.flat(ma)) + pb0 * tf.stop_gradient(ctx.flat(mb))
                             ga, gb = tf.gradients(lin, [pa0, pb0], grad_ys=g)

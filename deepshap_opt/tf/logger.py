@@ -128,7 +128,8 @@ class AttributionCallback(keras.callbacks.Callback):
         self.background = _as_array(background, "background")
         self.probe = _as_array(probe, "probe")
         if self.background.shape[1:] != self.probe.shape[1:]:
-            raise ValueError(f"probe rows {self.probe.shape[1:]} and background rows {self.background.shape[1:]} differ")
+            raise ValueError(f"probe rows {self.probe.shape[1:]} and background rows "
+                             f"{self.background.shape[1:]} differ")
         self.every_n_batches = every_n_batches
         self.every_n_epochs = every_n_epochs
         self.method = method
