@@ -123,3 +123,22 @@ def test_loop_layout_and_options():
     for bad in (0, -5, 1.5, True, "1GB"):
         with pytest.raises(ValueError, match="memory_budget"):
             dso.build(_cnn(), bg, memory_budget=bad)
+
+
+def test_loop_body_owns_its_conv_kernels():
+    """Every Conv in the Loop body (the forward copy and the backward's rearranged kernels) reads a kernel that is
+    an initializer of the body itself: onnxruntime's NCHWc layout only takes such a Conv (not one whose kernel
+    lives in the enclosing graph). The rearranged kernels are not kept in the outer graph as well."""
+    bg, X = _data()
+    proto = dso.build(_cnn(), bg, outputs="top1", memory_budget=ROW)
+    loop = next(n for n in proto.graph.node if n.op_type == "Loop")
+    body = loop.attribute[0].g
+    local = {t.name for t in body.initializer}
+    convs = [n for n in body.node if n.op_type == "Conv"]
+    assert len(convs) == 2                                    # the forward copy and the VJP
+    assert all(n.input[1] in local for n in convs)
+    outer = {t.name for t in proto.graph.initializer}
+    assert not any("kernel_t" in name for name in outer)
+    one = run(dso.build(_cnn(), bg, outputs="top1", memory_budget=None), {"x": X})
+    out = run(proto, {"x": X})
+    np.testing.assert_allclose(out["shap_values"], one["shap_values"], rtol=1e-5, atol=1e-6)
