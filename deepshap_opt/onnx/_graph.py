@@ -35,9 +35,10 @@ EMBED_MAX_BYTES = 64 << 20
 EMBED_MAX_FRACTION = 0.5
 #: auto cache, above the embedding limits: "recompute" (onnxruntime folds the references' branch into
 #: constants at session load) while the cached activations are at most this many bytes. Folding holds every
-#: activation of the references' forward at once, ~4x the cache at the load's peak (with the ReLU outputs
-#: derived, not cached: VGG19 at 224x224, M=32, 1.8 GiB of cache, 7.0 GB after load; DenseNet201, 2.9 GiB,
-#: 12.6 GB). Above it: the ``big_cache`` mode, "embed" for a file (the activations computed at export, stored
+#: activation of the references' forward at once, 3-6x the cache at the load's peak (with the ReLU outputs
+#: derived, not cached, 224x224, M=32: EfficientNet-B0 1.5 GiB of cache, 4.4 GB after load; ResNet50 1.1 GiB,
+#: 5.5 GB; VGG19 1.8 GiB, 10.4 GB; DenseNet201 2.9 GiB, 12.6 GB, where "embed" loads in 0.5 GB and peaks at
+#: 4.5 GB in the call). Above it: the ``big_cache`` mode, "embed" for a file (the activations computed at export, stored
 #: as external data that onnxruntime maps from disk) or "runtime" for an in-memory session (the branch runs in
 #: every call; the session holds only the weights and the background)
 FOLD_MAX_BYTES = 2 << 30
