@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import os
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import tensorflow as tf
 
 from .._explainer import ExplainerBase, assert_additivity, format_values, output_selector
+from ..rules.secant import closed_form_secants
 from ..rules.spec import RESCALE_EPS
 from . import _rules
 from ._graph import GraphProgram
@@ -132,36 +134,12 @@ _EXPM1_FORMS = {
 }
 
 
-def _tanh_ratio(h):
-    """tanh(h) / h, 1 at h = 0."""
-    zero = tf.equal(h, 0)
-    return tf.where(zero, tf.ones_like(h), tf.tanh(h) / tf.where(zero, tf.ones_like(h), h))
-
-
-def _sigmoid_secant(x, r):
-    # σ(x) − σ(r) = tanh(Δ/2) · (σ(x)σ(−r) + σ(−x)σ(r)), Δ = x − r: no difference of two rounded values
-    s = tf.sigmoid(x) * tf.sigmoid(-r) + tf.sigmoid(-x) * tf.sigmoid(r)
-    return 0.5 * _tanh_ratio(0.5 * (x - r)) * s
-
-
-def _tanh_secant(x, r):
-    # tanh x − tanh r = tanh(Δ) · (1 − tanh x tanh r), 1 − tanh x tanh r = 2(σ(2x)σ(−2r) + σ(−2x)σ(2r))
-    s = tf.sigmoid(2 * x) * tf.sigmoid(-2 * r) + tf.sigmoid(-2 * x) * tf.sigmoid(2 * r)
-    return 2 * _tanh_ratio(x - r) * s
-
-
-#: rescale multipliers in closed form, (f(x) − f(r)) / (x − r) without the difference of f's values (float32
-#: loses its digits when x and r are close: the variance of a narrow LayerNorm, a gate whose input barely
-#: moves); exact algebra, no threshold needed (Δ = 0 gives f'(x))
-_CLOSED_FORM_SECANT = {
-    "Sigmoid": _sigmoid_secant,
-    "Tanh": _tanh_secant,
-    "Rsqrt": lambda x, r: -(tf.math.rsqrt(x) * tf.math.rsqrt(r)) / (tf.sqrt(x) + tf.sqrt(r)),
-    "Sqrt": lambda x, r: 1 / (tf.sqrt(x) + tf.sqrt(r)),
-    "Reciprocal": lambda x, r: -1 / (x * r),
-    "Inv": lambda x, r: -1 / (x * r),
-    "Square": lambda x, r: x + r,
-}
+#: rescale multipliers in closed form, m(x, r) without the difference f(x) − f(r) (see ``rules.secant``), by TF op
+_SECANTS = closed_form_secants(SimpleNamespace(sigmoid=tf.sigmoid, tanh=tf.tanh, sqrt=tf.sqrt, rsqrt=tf.math.rsqrt,
+                                               where=tf.where, ones_like=tf.ones_like))
+_CLOSED_FORM_SECANT = {"Sigmoid": _SECANTS["sigmoid"], "Tanh": _SECANTS["tanh"], "Rsqrt": _SECANTS["rsqrt"],
+                       "Sqrt": _SECANTS["sqrt"], "Reciprocal": _SECANTS["reciprocal"],
+                       "Inv": _SECANTS["reciprocal"], "Square": _SECANTS["square"]}
 
 
 class _Pairs:

@@ -10,9 +10,11 @@ pairing of the cached-reference algorithm — and linear ops between sites keep 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import torch
 
+from ..rules.secant import closed_form_secants
 from ..rules.spec import MAXPOOL_EPS, RESCALE_EPS, pair_eps
 
 
@@ -83,37 +85,10 @@ def _relu_times(g, x, r_in):
 IN_KERNEL_ACTIVATION = {"silu": torch.nn.functional.silu}
 
 
-def _tanh_ratio(h):
-    """tanh(h) / h, 1 at h = 0 (accurate for small h: tanh is)."""
-    return torch.where(h == 0, torch.ones_like(h), torch.tanh(h) / torch.where(h == 0, torch.ones_like(h), h))
-
-
-def _sigmoid_secant(x, r):
-    # σ(x) − σ(r) = tanh(Δ/2) · (σ(x)σ(−r) + σ(−x)σ(r)), Δ = x − r: the difference of two rounded values near
-    # each other (a sigmoid gate whose input barely moves) becomes a product of accurate terms
-    s = torch.sigmoid(x) * torch.sigmoid(-r) + torch.sigmoid(-x) * torch.sigmoid(r)
-    return 0.5 * _tanh_ratio(0.5 * (x - r)) * s
-
-
-def _tanh_secant(x, r):
-    # tanh x − tanh r = tanh(Δ) · (1 − tanh x tanh r), and 1 − tanh x tanh r = 2(σ(2x)σ(−2r) + σ(−2x)σ(2r))
-    s = torch.sigmoid(2 * x) * torch.sigmoid(-2 * r) + torch.sigmoid(-2 * x) * torch.sigmoid(2 * r)
-    return 2 * _tanh_ratio(x - r) * s
-
-
-#: rescale multipliers in closed form, m(x, r) = (f(x) − f(r)) / (x − r) rewritten without the difference of
-#: f's values (float32 loses that difference's digits when Δ is small against x: the variance of a narrow
-#: LayerNorm, a sigmoid gate whose input barely moves); exact algebra, so no threshold is needed where x and r
-#: are close (at Δ = 0 each gives f'(x))
-CLOSED_FORM_SECANT = {
-    # 1/√x − 1/√r = (r − x) / (√x √r (√x + √r))
-    "rsqrt": lambda x, r: -(torch.rsqrt(x) * torch.rsqrt(r)) / (torch.sqrt(x) + torch.sqrt(r)),
-    "sqrt": lambda x, r: 1 / (torch.sqrt(x) + torch.sqrt(r)),
-    "reciprocal": lambda x, r: -1 / (x * r),
-    "square": lambda x, r: x + r,
-    "sigmoid": _sigmoid_secant,
-    "tanh": _tanh_secant,
-}
+#: rescale multipliers in closed form, m(x, r) without the difference f(x) − f(r) (see ``rules.secant``)
+CLOSED_FORM_SECANT = closed_form_secants(SimpleNamespace(
+    sigmoid=torch.sigmoid, tanh=torch.tanh, sqrt=torch.sqrt, rsqrt=torch.rsqrt, where=torch.where,
+    ones_like=torch.ones_like))
 
 
 def _secant_times(m):
