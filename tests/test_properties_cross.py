@@ -92,14 +92,21 @@ def _onnx(net, bg, X):
     return np.asarray(explainer.shap_values(X.numpy(), check_additivity=False))
 
 
-def _keras(spec, net, bg, X, cnn):
+def _keras(spec, net, bg, X, cnn, own_target=False):
+    """The Keras network's SHAP values (torch's layout); with ``own_target`` also f(x) − E f(bg) of the Keras
+    model itself: the same function as torch's up to TF's float32 op attributes (LeakyRelu's alpha is a float32
+    attribute, so a float64 Keras leaky_relu(0.2) differs from torch's by ~1e-8 relative on its negative side)."""
     dtype = "float64" if bg.dtype == torch.float64 else "float32"
     model = (keras_cnn if cnn else keras_net)(spec, net, dtype)
     bg, X = bg.numpy(), X.numpy()
     if cnn:
         bg, X = nhwc(bg), nhwc(X)
     phi = np.asarray(KerasExplainer(model, bg).shap_values(X, check_additivity=False))
-    return phi.transpose(0, 3, 1, 2, 4) if cnn else phi      # back to torch's NCHW layout
+    phi = phi.transpose(0, 3, 1, 2, 4) if cnn else phi      # back to torch's NCHW layout
+    if not own_target:
+        return phi
+    fx, fr = (np.asarray(model(a, training=False), np.float64) for a in (X, bg))
+    return phi, fx - fr.mean(0)
 
 
 def _acts(spec, cnn):
@@ -118,11 +125,13 @@ def check(spec, cnn=False, dtype=torch.float32, backends=("onnx", "keras"), exp_
     phis = {"torch": _torch(net, bg, X)}
     if "onnx" in backends:
         phis["onnx"] = _onnx(net, bg, X)
+    targets = {}
     if "keras" in backends:
-        phis["keras"] = _keras(spec, net, bg, X, cnn)
+        phis["keras"], targets["keras"] = _keras(spec, net, bg, X, cnn, own_target=True)
     for name, phi in phis.items():
         assert phi.shape == phis["torch"].shape, (name, phi.shape, phis["torch"].shape)
-        err = _completeness(phi, target, scale)
+        # completeness is against the model each backend explains (the Keras copy computes its own f)
+        err = _completeness(phi, targets.get(name, target), scale)
         assert err <= tol, f"{name}: completeness error {err:.3g} of the output scale (> {tol:g})"
         gap = np.abs(phi - phis["torch"]).max() / scale
         lim = agree if name == "onnx" else AGREE
@@ -173,6 +182,22 @@ def test_div_pair_float32_is_accurate(backend):
 
 def test_div_pair_float32_torch_agrees_with_onnx():
     check(DIV_SPEC, backends=("onnx",))
+
+
+# found by the session-5 fuzz run (mlp_keras64 slice seed 20263301, after 104 passing examples): "keras:
+# completeness error 1.19e-08 of the output scale (> 1e-08)" in float64. Not the explainer: it is complete to
+# 6e-16 for the Keras model it explains, but that model is 8.3e-9 of the scale from the torch one (TF's LeakyRelu
+# takes alpha as a float32 attribute: 0.2 becomes 0.20000000298 in a float64 model), and the property compared
+# Keras' sum with torch's f. The property now holds each backend to its own model's f(x) − E f(bg).
+RMS_LEAKY64_SPEC = (2, [("rmsnorm", 0, 0, "relu", 6), ("act", 0, 1, "relu", 4), ("add", 1, 0, "leaky_relu", 3)], 1, 1)
+
+
+def test_keras_float64_completeness_is_against_its_own_model():
+    net, bg, X, target, scale = _case(RMS_LEAKY64_SPEC, False, torch.float64)
+    phi, own = _keras(RMS_LEAKY64_SPEC, net, bg, X, False, own_target=True)
+    assert _completeness(phi, own, scale) <= 1e-12
+    assert np.abs(own - target).max() / scale > 1e-9        # the two models differ (why the property changed)
+    check(RMS_LEAKY64_SPEC, dtype=torch.float64, backends=("keras",))
 
 
 # found by the session-5 fuzz run (slice seed 20261303, after 68 passing examples): keras vs torch 8.6e-3 of
