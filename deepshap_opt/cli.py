@@ -304,6 +304,8 @@ def cmd_explain(args) -> int:
         raise CLIError(f"no such file or directory: {args.input}")
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    # onnxruntime's memory pattern costs these files time and memory (docs/deployment.md, "Session options")
+    so.enable_mem_pattern = False
     if args.threads:
         so.intra_op_num_threads = args.threads
     try:

@@ -61,7 +61,9 @@ def explain(path: str) -> None:
 
     for banned in ("torch", "deepshap_opt"):
         assert banned not in sys.modules, banned
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.enable_mem_pattern = False          # recommended for explanation files (docs/deployment.md)
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     meta = sess.get_modelmeta().custom_metadata_map
     expected = np.array([float(v) for v in meta["deepshap_opt.expected_value"].split(",")])
     X = np.load(path + ".test.npy")

@@ -275,3 +275,19 @@ def test_target_mode_and_reexport_error(files):
     # an exported file is not a model to export again
     r = cli("export", d / "t.onnx", "-b", d / "bg.npy", "-o", d / "t2.onnx")
     assert r.returncode == 2 and "already has shap_values" in r.stderr and not (d / "t2.onnx").exists()
+
+
+def test_explain_turns_onnxruntime_memory_pattern_off(files):
+    # the pattern cost explanation files up to 13 % of the time (docs/deployment.md, "Session options")
+    d = files["dir"]
+    if not (d / "e.onnx").exists():
+        assert cli("export", d / "cnn.onnx", "--background", d / "bg.npy", "-o", d / "e.onnx").returncode == 0
+    spy = ("import onnxruntime as _ort\n_Real = _ort.InferenceSession\n"
+           "class _Spy(_Real):\n"
+           "    def __init__(self, path, so=None, *a, **k):\n"
+           "        print('MEM_PATTERN', so.enable_mem_pattern)\n"
+           "        super().__init__(path, so, *a, **k)\n"
+           "_ort.InferenceSession = _Spy\n")
+    r = cli("explain", d / "e.onnx", "--input", d / "x.npy", "-o", d / "out_mp", "-q", prelude=spy)
+    assert r.returncode == 0, r.stderr
+    assert "MEM_PATTERN False" in r.stdout
