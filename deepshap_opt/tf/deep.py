@@ -142,6 +142,12 @@ _CLOSED_FORM_SECANT = {"Sigmoid": _SECANTS["sigmoid"], "Tanh": _SECANTS["tanh"],
                        "Inv": _SECANTS["reciprocal"], "Square": _SECANTS["square"]}
 
 
+def _closed_form(site):
+    """The closed-form secant of a rescale site (a single op in ``_CLOSED_FORM_SECANT``), or None: such a
+    site's rule reads x and r alone (no f'(x), no recomputed f)."""
+    return None if site.region else _CLOSED_FORM_SECANT.get(site.op.type)
+
+
 class _Pairs:
     """Reshaping between explicand (n, ...), reference (m, ...) and pair rows (n*m, ...) / (n, m, ...)."""
 
@@ -442,11 +448,12 @@ class DeepExplainer(ExplainerBase):
         vals = [prog.value(env, self._slots[j]) for j in self._stored]
         dfs = []
         if derivatives:
-            # f'(s) of every element-wise site from one gradient call (each y depends on its own private
-            # copy s only, element-wise, so d(Σ y)/ds_i = f_i'(s_i)); one call per site costs ~0.1 s each
-            ss = [tf.identity(prog.value(env, site.inputs[0])) for site in prog.sites if site.kind == "rescale"]
-            ys = [self._recompute_output(site, s) for site, s in
-                  zip([site for site in prog.sites if site.kind == "rescale"], ss)]
+            # f'(s) of every element-wise site whose rule reads it (not the closed-form ones) from one gradient
+            # call (each y depends on its own private copy s only, element-wise, so d(Σ y)/ds_i = f_i'(s_i));
+            # one call per site costs ~0.1 s each
+            sites = [site for site in prog.sites if site.kind == "rescale" and _closed_form(site) is None]
+            ss = [tf.identity(prog.value(env, site.inputs[0])) for site in sites]
+            ys = [self._recompute_output(site, s) for site, s in zip(sites, ss)]
             ds = tf.gradients(ys, ss) if ss else []
             dfs = [tf.zeros_like(s) if d is None else d for s, d in zip(ss, ds)]
         expl = [prog.value(env, t) for t in prog.explained]
@@ -503,8 +510,9 @@ class DeepExplainer(ExplainerBase):
             vx, vr = [self._lazy(vals_x, j) for j in self._site_slots[si]], \
                 [self._lazy(vals_r, j) for j in self._site_slots[si]]
             if site.kind == "rescale":
-                hooks[id(site.op)] = self._rescale_hook(site, vx[0], vr[0], dfs_x[dfi], ctx)
-                dfi += 1
+                closed = _closed_form(site) is not None
+                hooks[id(site.op)] = self._rescale_hook(site, vx[0], vr[0], None if closed else dfs_x[dfi], ctx)
+                dfi += not closed
             elif site.kind == "maxlike":
                 hooks[id(site.op)] = self._maxlike_hook(site, vx[0], vr[0], ctx)
             elif site.kind in ("softmax", "log_softmax"):
@@ -581,7 +589,9 @@ class DeepExplainer(ExplainerBase):
         return like()
 
     def _rescale_hook(self, site, sx_f, sr_f, dfx, ctx):
+        """dfx: f'(x) of the explicand rows, or None for a closed-form site (which does not read it)."""
         prog = self.prog
+        secant = _closed_form(site)
 
         def hook(env):
             x = prog.value(env, site.inputs[0])
@@ -591,9 +601,8 @@ class DeepExplainer(ExplainerBase):
                 def grad(g):
                     with tf.control_dependencies([g]):
                         sx, sr = sx_f(), sr_f()
-                        if not site.region and site.op.type in _CLOSED_FORM_SECANT:
-                            m = _CLOSED_FORM_SECANT[site.op.type](ctx.bx(sx), ctx.br(sr))
-                            return ctx.flat(ctx.unflat(g) * m)
+                        if secant is not None:
+                            return ctx.flat(ctx.unflat(g) * secant(ctx.bx(sx), ctx.br(sr)))
                         yx, yr = self._recompute_output(site, sx), self._recompute_output(site, sr)
                         return ctx.flat(_rules.rescale_apply(ctx.unflat(g), ctx.bx(sx), ctx.br(sr), ctx.bx(yx),
                                                              ctx.br(yr), ctx.bx(dfx)))
